@@ -1,0 +1,1 @@
+"""Exporters of saap checkpoints to edge runtimes (GGUF for llama.cpp, ONNX for ONNX Runtime)."""

@@ -1,0 +1,1 @@
+"""saap pipeline stages: prune, evaluate, and the ``saap`` command that orchestrates them."""

@@ -1,0 +1,181 @@
+"""The ``saap`` command: one verb per pipeline stage; stages talk only through artifact directories."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from runtime.errors import SaapError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2 (argparse would also print the usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="smollm2-135m (embedded default), a .gguf file, a saap/Hugging Face checkpoint dir, or a Hub id",
+    )
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from pipeline.data import resolve_data_file
+    from pipeline.prune import PruneSettings, prune
+    from runtime.checkpoint import save_checkpoint
+    from runtime.models import load_model
+
+    settings = PruneSettings(
+        method=args.method,
+        ratio=args.ratio,
+        align=args.align,
+        importance=args.importance,
+        calibration=args.calibration,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    # Fail on bad input before the (slow) model load.
+    if Path(args.out).exists() and not args.overwrite:
+        raise SaapError(f"output '{args.out}' already exists (pass --overwrite to replace it)")
+    if settings.importance not in ("random", "magnitude"):
+        resolve_data_file(settings.calibration)
+    loaded = load_model(args.model)
+    record = prune(loaded, settings, progress=not args.quiet)
+    save_checkpoint(loaded.model, loaded.tokenizer, args.out, record, overwrite=args.overwrite)
+    first, last = record["pruned_layers"][0], record["pruned_layers"][1] - 1
+    print(
+        f"pruned {args.model}: {record['params_before']:,} -> {record['params_after']:,} parameters "
+        f"({record['ratio_achieved']:.1%} removed, layers {first}-{last}) "
+        f"in {record['prune_seconds']:.0f}s -> {args.out}"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from runtime.models import load_model
+
+    if args.max_new_tokens < 1:
+        raise SaapError("--max-new-tokens must be at least 1")
+    loaded = load_model(args.model)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    prompt = args.prompt
+    if args.chat:
+        if not tokenizer.chat_template:
+            raise SaapError(f"model '{args.model}' has no chat template; drop --chat")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat)
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **sampling,
+        )
+    completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    print(completion if args.chat else args.prompt + completion)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pipeline.data import PERPLEXITY_SETS, resolve_data_file
+    from pipeline.evaluate import perplexity
+    from runtime.checkpoint import write_json_atomic
+    from runtime.models import load_model
+    from runtime.surgery import model_parameter_count
+
+    if not args.ppl:
+        raise SaapError("nothing to evaluate: pass --ppl wikitext2 [ptb ...]")
+    if args.seq_len < 2 or (args.limit is not None and args.limit < 1):
+        raise SaapError("--seq-len must be at least 2 and --limit at least 1")
+    for dataset in args.ppl:
+        resolve_data_file(dataset, PERPLEXITY_SETS)
+    loaded = load_model(args.model)
+    results = {
+        "model": args.model,
+        "source": loaded.source,
+        "params": model_parameter_count(loaded.model),
+        "perplexity": {},
+    }
+    for dataset in args.ppl:
+        result = perplexity(
+            loaded.model, loaded.tokenizer, dataset, args.seq_len, args.limit, args.batch_size, not args.quiet
+        )
+        results["perplexity"][dataset] = result
+        print(
+            f"{dataset:>10}  perplexity {result['perplexity']:.2f}  "
+            f"({result['windows']} windows of {args.seq_len} tokens)"
+        )
+    if args.out:
+        write_json_atomic(args.out, results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.data import DEFAULT_CALIBRATION
+    from pipeline.importance import ESTIMATORS
+    from pipeline.prune import METHODS
+
+    parser = _Parser(prog="saap", description="Prune LLaMA-family models and deploy them to edge runtimes.")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    p = verbs.add_parser("prune", help="structurally prune a model and save the smaller checkpoint")
+    _add_model(p)
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove, in (0, 0.9]")
+    p.add_argument("--method", default="llm-pruner", choices=sorted(METHODS))
+    p.add_argument("--importance", choices=sorted(ESTIMATORS), help="override the method's importance estimator")
+    p.add_argument("--align", type=int, default=32, help="kept MLP widths and q-head widths are multiples of this")
+    p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="text/jsonl/json calibration file")
+    p.add_argument("--num-samples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per backward pass (memory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
+
+    p = verbs.add_parser("generate", help="generate text from a model")
+    _add_model(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("eval", help="evaluate a model (perplexity)")
+    _add_model(p)
+    p.add_argument("--ppl", nargs="+", default=[], help="wikitext2, ptb, or text files")
+    p.add_argument("--seq-len", type=int, default=128, help="perplexity window (LLM-Pruner reports 128)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except SaapError as e:
+        print(f"saap: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saap: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Loading and running saap artifacts (pruned checkpoints, source models) without the pruning code."""

