@@ -71,7 +71,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat)
+    encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat)
+    inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     with torch.inference_mode():

@@ -81,11 +81,13 @@ def _record_text(record) -> str:
 
 
 def perplexity_text(path: Path, name: str | None) -> str:
-    """The evaluation text joined as LLM-Pruner does: rows joined with a blank line."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=name == "wikitext2")
-    if name == "ptb":
-        lines = [line.strip() for line in lines]
-    return "\n\n".join(lines)
+    """The evaluation text as LLM-Pruner builds it from the HF data sets: rows joined with "\\n\\n"."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if name == "wikitext2":  # HF rows keep their newline; blank rows are "" (as the HF builder yields them)
+        rows = [line if line.strip() else "" for line in lines]
+    else:  # PTB sentences (and plain text files) without surrounding whitespace
+        rows = [line.strip() for line in lines]
+    return "\n\n".join(rows)
 
 
 def calibration_batches(

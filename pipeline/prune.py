@@ -66,48 +66,40 @@ def llm_pruner_layer_range(num_layers: int) -> range:
     return range(round(4 * num_layers / 32), round(30 * num_layers / 32))
 
 
-def _nearest(allowed: list[int], value: float) -> int:
-    return min(allowed, key=lambda a: (abs(a - value), -a))
-
-
 def uniform_plan(config, shapes: list[LayerShape], layers: range, ratio: float, align: int, total: int):
     """Kept shapes with one pruning ratio for every layer in ``layers``, meeting ``ratio`` overall.
 
-    MLP widths step by ``align`` channels; the attention of each layer keeps the KV-group count
-    nearest the same ratio (groups are coarse: a 3-KV-head layer can only lose 1/3 at a time).
-    Returns ``(shapes, achieved_ratio)``; raises SaapError when alignment makes ``ratio``
-    unreachable within RATIO_TOLERANCE.
+    Attention groups are coarse (a 3-KV-head layer can only lose thirds) while MLP widths step by
+    ``align`` channels, so every (kept KV groups, kept width) pair is tried, the same in each layer
+    of the range; among the pairs within RATIO_TOLERANCE of the budget, the one whose attention and
+    MLP ratios are closest to each other wins (LLM-Pruner prunes both at one ratio).
+    Returns ``(shapes, achieved_ratio)``; raises SaapError when alignment makes ``ratio`` unreachable.
     """
     hd = head_dim(config)
-    best = None
     reference = shapes[layers[0]]
-    for kept_width in range(align, reference.intermediate_size + 1, align):
-        layer_ratio = 1 - kept_width / reference.intermediate_size
-        planned = list(shapes)
-        for i in layers:
-            shape = shapes[i]
-            kept_groups = [
-                k for k in range(1, shape.num_key_value_heads + 1) if (k * shape.queries_per_kv_head * hd) % align == 0
-            ]
-            if not kept_groups:
-                raise SaapError(f"--align {align} cannot be met by any number of attention heads in layer {i}")
-            kv = _nearest(kept_groups, shape.num_key_value_heads * (1 - layer_ratio))
-            width = min(_nearest(list(range(align, shape.intermediate_size + 1, align)), kept_width), kept_width)
-            planned[i] = LayerShape(kv * shape.queries_per_kv_head, kv, width)
-        removed = sum(
-            layer_parameter_count(config, a) - layer_parameter_count(config, b)
-            for a, b in zip(shapes, planned, strict=True)
-        )
-        achieved = removed / total
-        if best is None or abs(achieved - ratio) < abs(best[1] - ratio):
-            best = (planned, achieved)
-    if best is None or abs(best[1] - ratio) > RATIO_TOLERANCE:
-        closest = f"{best[1]:.3f}" if best else "none"
+    if any(shapes[i] != reference for i in layers):
+        raise SaapError("the llm-pruner method needs equal layer shapes in the pruned range")
+    kept_groups = [
+        k for k in range(1, reference.num_key_value_heads + 1) if (k * reference.queries_per_kv_head * hd) % align == 0
+    ]
+    widths = range(align, reference.intermediate_size + 1, align)
+    candidates = []
+    for kv in kept_groups:
+        for width in widths:
+            shape = LayerShape(kv * reference.queries_per_kv_head, kv, width)
+            removed = len(layers) * (layer_parameter_count(config, reference) - layer_parameter_count(config, shape))
+            attention_ratio = 1 - kv / reference.num_key_value_heads
+            mlp_ratio = 1 - width / reference.intermediate_size
+            candidates.append((removed / total, abs(attention_ratio - mlp_ratio), shape))
+    within = [c for c in candidates if abs(c[0] - ratio) <= RATIO_TOLERANCE]
+    if not within:
+        closest = min((c[0] for c in candidates), key=lambda r: abs(r - ratio), default=None)
         raise SaapError(
             f"--ratio {ratio} is unreachable with --align {align} in layers {layers.start}-{layers.stop - 1} "
-            f"(closest reachable: {closest})"
+            f"(closest reachable: {'none' if closest is None else f'{closest:.3f}'})"
         )
-    return best
+    achieved, _, shape = min(within, key=lambda c: (c[1], abs(c[0] - ratio)))
+    return [shape if i in layers else s for i, s in enumerate(shapes)], achieved
 
 
 def kept_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from pipeline.prune import PruneSettings, kept_indices, llm_pruner_layer_range, prune, shrink_model, uniform_plan
+from runtime.errors import SaapError
+from runtime.models import LoadedModel
+from runtime.surgery import head_dim, layer_shapes, model_parameter_count
+from tests.conftest import make_model
+
+
+def wide_model(heads=8, kv_heads=8):
+    return make_model(heads=heads, kv_heads=kv_heads, layers=4, intermediate=512, head_dim=8)
+
+
+def test_layer_range_scales_llm_pruners_4_to_30_of_32():
+    assert llm_pruner_layer_range(32) == range(4, 30)
+    assert llm_pruner_layer_range(30) == range(4, 28)  # SmolLM2-135M
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2)])
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3])
+def test_uniform_plan_meets_the_ratio_with_aligned_widths(heads, kv_heads, ratio):
+    model = wide_model(heads, kv_heads)
+    shapes, total = layer_shapes(model.config), model_parameter_count(model)
+    plan, achieved = uniform_plan(model.config, shapes, range(1, 3), ratio, 16, total)
+    assert abs(achieved - ratio) <= 0.01
+    assert plan[0] == shapes[0] and plan[3] == shapes[3]  # outside the range: untouched
+    assert plan[1] == plan[2]  # the same ratio in every pruned layer
+    hd = head_dim(model.config)
+    for shape in plan:
+        assert shape.intermediate_size % 16 == 0 and (shape.num_attention_heads * hd) % 16 == 0
+
+
+def test_alignment_can_make_a_ratio_unreachable():
+    model = wide_model()
+    with pytest.raises(SaapError, match="unreachable with --align 512"):
+        uniform_plan(model.config, layer_shapes(model.config), range(1, 3), 0.2, 512, model_parameter_count(model))
+
+
+def test_shrink_keeps_the_highest_scoring_groups():
+    assert kept_indices(torch.tensor([0.5, 0.1, 0.9, 0.3]), 2).tolist() == [0, 2]
+    model = make_model(heads=4, kv_heads=4, layers=1)
+    up = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    scores = type("S", (), {"attention": [torch.tensor([4.0, 3, 2, 1])], "mlp": [torch.arange(128.0)]})
+    plan = [layer_shapes(model.config)[0].__class__(2, 2, 32)]
+    shrink_model(model, scores, plan)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, up[96:])
+    assert layer_shapes(model.config) == plan
+
+
+@pytest.mark.parametrize("importance", ["taylor-element", "magnitude"])
+def test_prune_end_to_end_on_a_tiny_model(tokenizer, text_file, importance):
+    model = wide_model(8, 4)
+    loaded = LoadedModel(model, tokenizer, {"name": "tiny", "sha256": "0" * 64})
+    settings = PruneSettings(
+        ratio=0.2, importance=importance, calibration=str(text_file), num_samples=4, seq_len=16, align=8
+    )
+    record = prune(loaded, settings, progress=False)
+    assert abs(record["ratio_achieved"] - 0.2) <= 0.01
+    assert record["params_after"] == model_parameter_count(model)
+    assert [layer["after"] for layer in record["layers"]] == [s.as_dict() for s in layer_shapes(model.config)]
+    assert (record["calibration"] is None) == (importance == "magnitude")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"ratio": 0.0}, "ratio"),
+        ({"ratio": 0.95}, "ratio"),
+        ({"ratio": -0.1}, "ratio"),
+        ({"method": "obs"}, "unknown method"),
+        ({"importance": "hessian"}, "unknown importance"),
+        ({"align": 0}, "align"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(SaapError, match=message):
+        PruneSettings(**kwargs)
