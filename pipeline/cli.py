@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -167,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not os.environ.get("SAAP_VERBOSE"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the GGUF tokenizer's "legacy behaviour" notice is noise here
     try:
         args.func(args)
     except SaapError as e:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
@@ -114,11 +116,25 @@ def load_gguf(path: Path, name: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, source, None)
 
 
-def load_hf(spec: str, where: str) -> LoadedModel:
-    config = AutoConfig.from_pretrained(spec)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine fails at once instead of after the client's retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hf(spec: str, where: str, local_files_only: bool = False) -> LoadedModel:
+    config = AutoConfig.from_pretrained(spec, local_files_only=local_files_only)
     _check_architecture(config.model_type, where)
-    model = LlamaForCausalLM.from_pretrained(spec, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(spec)
+    model = LlamaForCausalLM.from_pretrained(spec, dtype=torch.float32, local_files_only=local_files_only)
+    tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local_files_only)
     model.eval()
     weights = sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else []
     sha = sha256_file(weights[0]) if len(weights) == 1 else None
@@ -144,12 +160,15 @@ def load_model(spec: str) -> LoadedModel:
         raise SaapError(f"'{spec}' is neither a model directory nor a .gguf file")
     if not HUB_ID.match(spec) or spec.startswith("."):
         raise SaapError(f"model path '{spec}' does not exist")
-    try:
-        return load_hf(spec, f"Hub model '{spec}'")
+    online = hub_reachable()
+    try:  # offline, a model already in the Hugging Face cache still loads
+        return load_hf(spec, f"Hub model '{spec}'", local_files_only=not online)
     except SaapError:
         raise
     except Exception as e:  # the Hub client raises many types; all mean "not reachable / not found"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not online:
+            reason = "the Hub is not reachable from this machine and the model is not in the local HF cache"
         raise SaapError(
             f"'{spec}' is not a local path and could not be fetched from the Hugging Face Hub: {reason}"
         ) from None

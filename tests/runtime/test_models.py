@@ -39,7 +39,7 @@ def test_directory_without_a_model_is_refused(tmp_path):
 
 
 def test_hub_id_offline_fails_with_one_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
     with pytest.raises(SaapError, match="Hugging Face Hub") as error:
         load_model("no-such-org/no-such-model")
     assert "\n" not in str(error.value)

