@@ -23,6 +23,15 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_engine(parser: argparse.ArgumentParser) -> None:
+    from runtime.engine import ENGINES
+
+    parser.add_argument("--engine", default="torch", choices=ENGINES, help="runtime that executes the model")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (torch) or tensorrt (onnx)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the runtime's own choice)")
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp layers offloaded to the GPU (-1: all)")
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from pipeline.data import resolve_data_file
     from pipeline.prune import PruneSettings, prune
@@ -57,33 +66,23 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
-    from runtime.models import load_model
+    from runtime.engine import EngineSettings, load_engine
 
     if args.max_new_tokens < 1:
         raise SaapError("--max-new-tokens must be at least 1")
-    loaded = load_model(args.model)
-    tokenizer, model = loaded.tokenizer, loaded.model
+    settings = EngineSettings(device=args.device, threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+    engine = load_engine(args.engine, args.model, settings)
     prompt = args.prompt
     if args.chat:
-        if not tokenizer.chat_template:
-            raise SaapError(f"model '{args.model}' has no chat template; drop --chat")
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat)
-    inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    torch.manual_seed(args.seed)
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            **sampling,
-        )
-    completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        tokenizer = getattr(engine, "tokenizer", None)
+        if tokenizer is None or not tokenizer.chat_template:
+            raise SaapError(f"no chat template available for '{args.model}' on engine {args.engine}; drop --chat")
+        messages = [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        prompt_ids = engine.tokenize(prompt)
+    new_ids = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    completion = engine.detokenize(new_ids)
     print(completion if args.chat else args.prompt + completion)
 
 
@@ -151,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_engine(p)
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("eval", help="evaluate a model (perplexity)")
