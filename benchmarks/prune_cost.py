@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    warm = run_saap("eval", "--model", args.model, "--ppl", "wikitext2", "--limit", "1", "--quiet")
+    warm = run_saap("eval", "--model", args.model, "--ppl", "wikitext2", "--ppl-windows", "1", "--quiet")
     runs = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from _common import environment, run_saap, write_results
 
 def evaluate(model: str, limit: str | None, out: Path) -> dict:
     args = ["eval", "--model", model, "--ppl", "wikitext2", "ptb", "--seq-len", "128", "--quiet", "--out", str(out)]
-    run = run_saap(*args, *(["--limit", limit] if limit else []))
+    run = run_saap(*args, *(["--ppl-windows", limit] if limit else []))
     results = json.loads(out.read_text())
     return {
         "params": results["params"],

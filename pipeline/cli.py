@@ -88,35 +88,55 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from pipeline.data import PERPLEXITY_SETS, resolve_data_file
-    from pipeline.evaluate import perplexity
-    from runtime.checkpoint import write_json_atomic
+    from pipeline.evaluate import generations, perplexity, results_markdown
+    from pipeline.zeroshot import TASKS, evaluate_zeroshot, prepare_tasks
+    from runtime.checkpoint import write_json_atomic, write_text_atomic
     from runtime.models import load_model
     from runtime.surgery import model_parameter_count
 
-    if not args.ppl:
-        raise SaapError("nothing to evaluate: pass --ppl wikitext2 [ptb ...]")
-    if args.seq_len < 2 or (args.limit is not None and args.limit < 1):
-        raise SaapError("--seq-len must be at least 2 and --limit at least 1")
+    tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
+    if not (args.ppl or tasks or args.generate):
+        raise SaapError("nothing to evaluate: pass --ppl wikitext2 ptb, --tasks all, and/or --generate")
+    if args.ppl_windows is not None and args.ppl_windows < 1 or args.limit is not None and args.limit < 1:
+        raise SaapError("--ppl-windows and --limit must be at least 1")
     for dataset in args.ppl:
         resolve_data_file(dataset, PERPLEXITY_SETS)
+    if tasks:  # validates task names and data files before the model load
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prepare_tasks(tasks, args.data_dir, Path(tmp))
     loaded = load_model(args.model)
+    seq_len = loaded.model.config.max_position_embeddings if args.seq_len == "max" else int(args.seq_len)
+    if seq_len < 2:
+        raise SaapError("--seq-len must be at least 2 (or 'max')")
     results = {
         "model": args.model,
         "source": loaded.source,
         "params": model_parameter_count(loaded.model),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "model")},
         "perplexity": {},
     }
     for dataset in args.ppl:
         result = perplexity(
-            loaded.model, loaded.tokenizer, dataset, args.seq_len, args.limit, args.batch_size, not args.quiet
+            loaded.model, loaded.tokenizer, dataset, seq_len, args.ppl_windows, args.batch_size, not args.quiet
         )
         results["perplexity"][dataset] = result
         print(
-            f"{dataset:>10}  perplexity {result['perplexity']:.2f}  "
-            f"({result['windows']} windows of {args.seq_len} tokens)"
+            f"{dataset:>13}  perplexity {result['perplexity']:.2f}  ({result['windows']} windows of {seq_len} tokens)"
         )
+    if tasks:
+        results["zeroshot"] = evaluate_zeroshot(
+            loaded.model, loaded.tokenizer, tasks, args.limit, args.batch_size, args.data_dir
+        )
+        for task, r in results["zeroshot"]["tasks"].items():
+            print(f"{task:>13}  {r['metric']} {r['value']:.4f} ± {r['stderr'] or 0:.4f}  ({r['documents']} docs)")
+        print(f"{'average':>13}  {results['zeroshot']['average']:.4f}")
+    if args.generate:
+        results["generations"] = generations(loaded.model, loaded.tokenizer)
     if args.out:
         write_json_atomic(args.out, results)
+        write_text_atomic(Path(args.out).with_suffix(".md"), results_markdown(results))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,13 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine(p)
     p.set_defaults(func=cmd_generate)
 
-    p = verbs.add_parser("eval", help="evaluate a model (perplexity)")
+    p = verbs.add_parser("eval", help="evaluate a model: perplexity, zero-shot accuracy (lm-eval), generations")
     _add_model(p)
     p.add_argument("--ppl", nargs="+", default=[], help="wikitext2, ptb, or text files")
-    p.add_argument("--seq-len", type=int, default=128, help="perplexity window (LLM-Pruner reports 128)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N windows")
+    p.add_argument("--seq-len", default="128", help="perplexity window in tokens (LLM-Pruner: 128), or 'max'")
+    p.add_argument("--ppl-windows", type=int, help="evaluate only the first N perplexity windows")
+    p.add_argument("--tasks", nargs="+", default=[], help="zero-shot tasks (lm-eval), or 'all' for the 7-task suite")
+    p.add_argument("--limit", type=int, help="first N documents of every zero-shot task")
+    p.add_argument("--data-dir", type=Path, help="directory with the zero-shot data (default: <data dir>/zeroshot)")
+    p.add_argument("--generate", action="store_true", help="greedy generations from fixed prompts")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", help="write the results as JSON")
+    p.add_argument("--out", help="write the results as JSON (and a markdown table beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
     return parser

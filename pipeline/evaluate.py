@@ -49,3 +49,54 @@ def perplexity(
         "tokens_scored": total_tokens,
         "perplexity": math.exp(total_nll / total_tokens),
     }
+
+
+FIXED_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "def fibonacci(n):",
+    "The three primary colors are",
+)
+
+
+def generations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 32) -> list[dict]:
+    """Greedy continuations of fixed prompts: the "does it still write text" side of evaluation."""
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in FIXED_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+        samples.append(
+            {"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}
+        )
+    return samples
+
+
+def results_markdown(results: dict) -> str:
+    """One markdown table per part of ``saap eval``'s JSON."""
+    lines = [f"# Evaluation of `{results['model']}` ({results['params']:,} parameters)", ""]
+    if results.get("perplexity"):
+        lines += ["| perplexity set | windows × tokens | perplexity |", "|---|---|---|"]
+        for name, r in results["perplexity"].items():
+            lines.append(f"| {name} | {r['windows']} × {r['seq_len']} | {r['perplexity']:.2f} |")
+        lines.append("")
+    if results.get("zeroshot"):
+        z = results["zeroshot"]
+        lines += ["| task | metric | documents | score ± stderr |", "|---|---|---|---|"]
+        for task, r in z["tasks"].items():
+            lines.append(f"| {task} | {r['metric']} | {r['documents']} | {r['value']:.4f} ± {r['stderr'] or 0:.4f} |")
+        lines += [f"| **average** | | | **{z['average']:.4f} ± {z['average_stderr']:.4f}** |", ""]
+    if results.get("generations"):
+        lines += ["| prompt | greedy completion |", "|---|---|"]
+        for g in results["generations"]:
+            completion = g["completion"].replace("\n", " ").replace("|", "\\|")
+            lines.append(f"| {g['prompt']} | {completion} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -46,7 +46,7 @@ def test_reloaded_model_generates_ten_greedy_tokens(pruned):
 
 def test_pruned_perplexity_is_finite_and_within_6x_of_dense(pruned, tmp_path):
     dense_json, pruned_json = tmp_path / "dense.json", tmp_path / "pruned.json"
-    common = ["--ppl", "wikitext2", "--limit", PPL_WINDOWS, "--seq-len", "128", "--quiet"]
+    common = ["--ppl", "wikitext2", "--ppl-windows", PPL_WINDOWS, "--seq-len", "128", "--quiet"]
     saap("eval", "--model", "smollm2-135m", *common, "--out", str(dense_json))
     saap("eval", "--model", str(pruned), *common, "--out", str(pruned_json))
     dense = json.loads(dense_json.read_text())["perplexity"]["wikitext2"]["perplexity"]

@@ -1,0 +1,107 @@
+import json
+
+import pytest
+
+from pipeline.data import data_dir
+from pipeline.zeroshot import TASKS, evaluate_zeroshot, prepare_tasks
+from runtime.errors import SaapError
+from tests.conftest import make_model
+
+ZEROSHOT = data_dir() / "zeroshot"
+# Full document counts of the local copies, and the gold index of each task's first document.
+EXPECTED = {
+    "boolq": (3270, 0),
+    "piqa": (1838, 0),
+    "hellaswag": (10042, 3),
+    "winogrande": (1267, 1),
+    "arc_easy": (2376, 0),
+    "arc_challenge": (1172, 2),
+    "openbookqa": (500, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    if not ZEROSHOT.is_dir():
+        pytest.skip(f"shared zero-shot data not found at {ZEROSHOT}")
+    return prepare_tasks(list(TASKS), None, tmp_path_factory.mktemp("tasks"))
+
+
+def test_task_yamls_load_in_lm_eval_with_every_document(prepared):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    tasks = get_task_dict(list(TASKS), TaskManager(include_path=str(prepared), include_defaults=False))
+    for name, (count, gold) in EXPECTED.items():
+        task = tasks[name]
+        docs = list(task.test_docs())
+        assert len(docs) == count, name
+        assert task.doc_to_target(docs[0]) == gold or name == "winogrande", name
+        assert len(task.doc_to_choice(docs[0])) >= 2
+
+
+def test_prompts_mirror_lm_evals_own_tasks(prepared):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    tasks = get_task_dict(
+        ["boolq", "winogrande", "arc_easy"], TaskManager(include_path=str(prepared), include_defaults=False)
+    )
+    boolq = next(iter(tasks["boolq"].test_docs()))
+    assert (
+        tasks["boolq"]
+        .doc_to_text(boolq)
+        .endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
+    )
+    assert tasks["boolq"].doc_to_choice(boolq) == ["no", "yes"]
+    wino = tasks["winogrande"]
+    doc = next(iter(wino.test_docs()))
+    assert wino.doc_to_text(doc) == 1  # gold index: "answer": "2"
+    assert wino.doc_to_choice(doc) == [
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    ]
+    assert wino.doc_to_target(doc) == "always got the easier cases."
+    arc = next(iter(tasks["arc_easy"].test_docs()))
+    assert tasks["arc_easy"].doc_to_text(arc).startswith("Question: Which statement best explains")
+
+
+def _tiny_data(root):
+    """A handful of documents per task in the official formats."""
+    (root / "boolq").mkdir(parents=True)
+    (root / "boolq" / "dev.jsonl").write_text(
+        "".join(
+            json.dumps({"question": f"is it {i}", "passage": "The quick brown fox.", "answer": i % 2 == 0}) + "\n"
+            for i in range(3)
+        )
+    )
+    (root / "arc").mkdir()
+    doc = {
+        "question": {
+            "stem": "Which is a fox?",
+            "choices": [{"text": "brown", "label": "1"}, {"text": "lazy", "label": "2"}],
+        },
+        "answerKey": "1",
+    }
+    (root / "arc" / "ARC-Easy-Test.jsonl").write_text(json.dumps(doc) + "\n")
+
+
+def test_a_tiny_model_is_scored_end_to_end(tmp_path, tokenizer):
+    _tiny_data(tmp_path / "data")
+    result = evaluate_zeroshot(
+        make_model(),
+        tokenizer,
+        ["boolq", "arc_easy"],
+        limit=2,
+        batch_size=2,
+        data_root=tmp_path / "data",
+        work_dir=tmp_path / "work",
+    )
+    assert result["tasks"]["boolq"]["documents"] == 2 and result["tasks"]["arc_easy"]["documents"] == 1
+    assert result["tasks"]["arc_easy"]["metric"] == "acc_norm"
+    assert 0 <= result["average"] <= 1
+
+
+def test_unknown_task_or_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(SaapError, match="unknown zero-shot task"):
+        prepare_tasks(["mmlu"], tmp_path, tmp_path / "w")
+    with pytest.raises(SaapError, match="not found"):
+        prepare_tasks(["piqa"], tmp_path, tmp_path / "w")
