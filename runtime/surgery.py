@@ -36,10 +36,40 @@ class LayerShape:
 
     @property
     def queries_per_kv_head(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
+        return self.num_attention_heads // self.num_key_value_heads if self.num_key_value_heads else 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class RemovedAttention(nn.Module):
+    """A layer's attention block pruned away entirely: it adds nothing to the residual stream.
+
+    It never touches the KV cache; HF's cache grows per layer lazily and reads sequence lengths
+    from layer 0, which is why the pruner never removes layer 0's attention.
+    """
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+class RemovedMLP(nn.Module):
+    """A layer's MLP block pruned away entirely."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def has_attention(layer: nn.Module) -> bool:
+    return not isinstance(layer.self_attn, RemovedAttention)
+
+
+def has_mlp(layer: nn.Module) -> bool:
+    return not isinstance(layer.mlp, RemovedMLP)
 
 
 def head_dim(config) -> int:
@@ -69,10 +99,10 @@ def layer_parameter_count(config, shape: LayerShape) -> int:
     hidden, hd = config.hidden_size, head_dim(config)
     q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
     attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
-    if getattr(config, "attention_bias", False):
+    if getattr(config, "attention_bias", False) and shape.num_key_value_heads:
         attention += q_width + 2 * kv_width + hidden
     mlp = 3 * hidden * shape.intermediate_size
-    if getattr(config, "mlp_bias", False):
+    if getattr(config, "mlp_bias", False) and shape.intermediate_size:
         mlp += 2 * shape.intermediate_size + hidden
     return attention + mlp + 2 * hidden
 
@@ -123,27 +153,35 @@ def shrink_layer(
     keep_kv_heads: torch.Tensor,
     keep_channels: torch.Tensor,
 ) -> LayerShape:
-    """Physically remove every attention group and MLP channel of ``layer`` not listed to keep."""
+    """Physically remove every attention group and MLP channel of ``layer`` not listed to keep.
+
+    Keeping nothing of a block replaces it with ``RemovedAttention`` / ``RemovedMLP``.
+    """
     keep_kv_heads, keep_channels = keep_kv_heads.sort().values, keep_channels.sort().values
-    if len(keep_kv_heads) == 0 or len(keep_channels) == 0:
-        raise ValueError("removing a whole attention or MLP block is not supported by this layer type")
-    attention, mlp = layer.self_attn, layer.mlp
-    q_rows, kv_rows = attention_group_index(shape, hd)
-    q_keep, kv_keep = q_rows[keep_kv_heads].flatten(), kv_rows[keep_kv_heads].flatten()
-    attention.q_proj = _slice_linear(attention.q_proj, q_keep, 0)
-    attention.k_proj = _slice_linear(attention.k_proj, kv_keep, 0)
-    attention.v_proj = _slice_linear(attention.v_proj, kv_keep, 0)
-    attention.o_proj = _slice_linear(attention.o_proj, q_keep, 1)
-    mlp.gate_proj = _slice_linear(mlp.gate_proj, keep_channels, 0)
-    mlp.up_proj = _slice_linear(mlp.up_proj, keep_channels, 0)
-    mlp.down_proj = _slice_linear(mlp.down_proj, keep_channels, 1)
     new_shape = LayerShape(
         num_attention_heads=len(keep_kv_heads) * shape.queries_per_kv_head,
         num_key_value_heads=len(keep_kv_heads),
         intermediate_size=len(keep_channels),
     )
-    _set_attention_counts(attention, new_shape)
-    mlp.intermediate_size = new_shape.intermediate_size
+    if new_shape.num_key_value_heads == 0:
+        layer.self_attn = RemovedAttention(layer.self_attn.layer_idx)
+    elif has_attention(layer):
+        attention = layer.self_attn
+        q_rows, kv_rows = attention_group_index(shape, hd)
+        q_keep, kv_keep = q_rows[keep_kv_heads].flatten(), kv_rows[keep_kv_heads].flatten()
+        attention.q_proj = _slice_linear(attention.q_proj, q_keep, 0)
+        attention.k_proj = _slice_linear(attention.k_proj, kv_keep, 0)
+        attention.v_proj = _slice_linear(attention.v_proj, kv_keep, 0)
+        attention.o_proj = _slice_linear(attention.o_proj, q_keep, 1)
+        _set_attention_counts(attention, new_shape)
+    if new_shape.intermediate_size == 0:
+        layer.mlp = RemovedMLP()
+    elif has_mlp(layer):
+        mlp = layer.mlp
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, keep_channels, 0)
+        mlp.up_proj = _slice_linear(mlp.up_proj, keep_channels, 0)
+        mlp.down_proj = _slice_linear(mlp.down_proj, keep_channels, 1)
+        mlp.intermediate_size = new_shape.intermediate_size
     return new_shape
 
 
@@ -163,19 +201,22 @@ def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int) -> None:
         mlp.down_proj = nn.Linear(shape.intermediate_size, hidden, bias=mlp_bias)
     _set_attention_counts(attention, shape)
     mlp.intermediate_size = shape.intermediate_size
+    if shape.num_key_value_heads == 0:
+        layer.self_attn = RemovedAttention(attention.layer_idx)
+    if shape.intermediate_size == 0:
+        layer.mlp = RemovedMLP()
 
 
 def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    attention, mlp = layer.self_attn, layer.mlp
-    return {
-        "q_proj": attention.q_proj,
-        "k_proj": attention.k_proj,
-        "v_proj": attention.v_proj,
-        "o_proj": attention.o_proj,
-        "gate_proj": mlp.gate_proj,
-        "up_proj": mlp.up_proj,
-        "down_proj": mlp.down_proj,
-    }
+    """The linears of the blocks this layer still has (a removed block has none)."""
+    linears = {}
+    if has_attention(layer):
+        a = layer.self_attn
+        linears |= {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj}
+    if has_mlp(layer):
+        m = layer.mlp
+        linears |= {"gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+    return linears
 
 
 def group_sums(shape: LayerShape, hd: int, per_element: dict[str, torch.Tensor]):
@@ -184,10 +225,13 @@ def group_sums(shape: LayerShape, hd: int, per_element: dict[str, torch.Tensor])
     Returns ``(attention [n_kv], mlp [intermediate])``. Used by every importance estimator, so the
     group membership lives in this one place.
     """
-    q_rows, kv_rows = attention_group_index(shape, hd)
-    q_row = per_element["q_proj"].sum(1)
-    k_row, v_row = per_element["k_proj"].sum(1), per_element["v_proj"].sum(1)
-    o_col = per_element["o_proj"].sum(0)
-    attention = q_row[q_rows].sum(1) + k_row[kv_rows].sum(1) + v_row[kv_rows].sum(1) + o_col[q_rows].sum(1)
-    mlp = per_element["gate_proj"].sum(1) + per_element["up_proj"].sum(1) + per_element["down_proj"].sum(0)
+    attention, mlp = torch.zeros(0), torch.zeros(0)
+    if "q_proj" in per_element:
+        q_rows, kv_rows = attention_group_index(shape, hd)
+        q_row = per_element["q_proj"].sum(1)
+        k_row, v_row = per_element["k_proj"].sum(1), per_element["v_proj"].sum(1)
+        o_col = per_element["o_proj"].sum(0)
+        attention = q_row[q_rows].sum(1) + k_row[kv_rows].sum(1) + v_row[kv_rows].sum(1) + o_col[q_rows].sum(1)
+    if "gate_proj" in per_element:
+        mlp = per_element["gate_proj"].sum(1) + per_element["up_proj"].sum(1) + per_element["down_proj"].sum(0)
     return attention, mlp

@@ -109,3 +109,29 @@ def test_slicing_makes_smaller_linears_and_counts_match():
 def test_tied_embedding_counts_once():
     tied, untied = make_model(tied=True), make_model(tied=False)
     assert model_parameter_count(untied) - model_parameter_count(tied) == 300 * 64
+
+
+@pytest.mark.parametrize("block", ["attention", "mlp", "both"])
+def test_a_whole_block_can_be_removed(tiny_model, tokenizer, tmp_path, block):
+    from runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    n_kv = tiny_model.config.num_key_value_heads
+    removed_kv = {1: list(range(n_kv))} if block in ("attention", "both") else {}
+    removed_channels = {1: list(range(128))} if block in ("mlp", "both") else {}
+    masked = zero_groups(tiny_model, removed_kv, removed_channels)
+    sliced = slice_groups(tiny_model, removed_kv, removed_channels)
+    shape = layer_shapes(sliced.config)[1]
+    assert (shape.num_key_value_heads == 0) == (block != "mlp") and (shape.intermediate_size == 0) == (
+        block != "attention"
+    )
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        assert (masked(ids).logits - sliced(ids).logits).abs().max() <= 1e-5
+    save_checkpoint(sliced, tokenizer, tmp_path / "ckpt", {})
+    reloaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, sliced(ids).logits)
+        # generation through the KV cache still works with a layer that never writes to it
+        out = reloaded.generate(ids, max_new_tokens=4, do_sample=False)
+        expected = masked.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, expected)
