@@ -41,6 +41,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     settings = PruneSettings(
         method=args.method,
         ratio=args.ratio,
+        target_params=args.target_params,
+        target_decode_bytes=args.target_decode_bytes,
         align=args.align,
         importance=args.importance,
         calibration=args.calibration,
@@ -48,11 +50,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         seed=args.seed,
+        ablation=args.ablation,
+        search=args.search,
+        fluctuation_weight=args.fluctuation_weight,
     )
     # Fail on bad input before the (slow) model load.
     if Path(args.out).exists() and not args.overwrite:
         raise SaapError(f"output '{args.out}' already exists (pass --overwrite to replace it)")
-    if settings.importance not in ("random", "magnitude"):
+    if settings.needs_calibration:
         resolve_data_file(settings.calibration)
     loaded = load_model(args.model)
     record = prune(loaded, settings, progress=not args.quiet)
@@ -149,9 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("prune", help="structurally prune a model and save the smaller checkpoint")
     _add_model(p)
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove, in (0, 0.9]")
+    p.add_argument("--ratio", type=float, help="fraction of all parameters to remove, in (0, 0.9] (default 0.2)")
+    p.add_argument("--target-params", type=int, help="budget as parameters to keep (instead of --ratio)")
+    p.add_argument("--target-decode-bytes", type=int, help="budget as float32 weight bytes read per token")
     p.add_argument("--method", default="llm-pruner", choices=sorted(METHODS))
     p.add_argument("--importance", choices=sorted(ESTIMATORS), help="override the method's importance estimator")
+    p.add_argument("--ablation", default="fused", help="saap importance: fused | sum | vector | element")
+    p.add_argument("--search", default="adaptive", help="saap structure search: adaptive | uniform")
+    p.add_argument("--fluctuation-weight", type=float, default=1.0, help="saap: weight of module fluctuation")
     p.add_argument("--align", type=int, default=32, help="kept MLP widths and q-head widths are multiples of this")
     p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="text/jsonl/json calibration file")
     p.add_argument("--num-samples", type=int, default=32, help="calibration sequences")

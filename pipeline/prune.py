@@ -22,6 +22,7 @@ from runtime.errors import SaapError
 from runtime.models import LoadedModel
 from runtime.surgery import (
     LayerShape,
+    decode_parameter_count,
     head_dim,
     layer_parameter_count,
     layer_shapes,
@@ -30,35 +31,78 @@ from runtime.surgery import (
     shrink_layer,
 )
 
-METHODS = {"llm-pruner": {"importance": "taylor-element"}}
+METHODS = {"llm-pruner": {"importance": "taylor-element"}, "saap": {"importance": "saap"}}
 RATIO_TOLERANCE = 0.01  # achieved fraction of removed parameters must be within this of --ratio
+DTYPE_BYTES = 4  # checkpoints are float32: 4 bytes per weight read
 
 
 @dataclass
 class PruneSettings:
     method: str = "llm-pruner"
-    ratio: float = 0.2
+    ratio: float | None = None  # fraction of all parameters to remove; default 0.2 if no target is given
+    target_params: int | None = None  # or: parameters to keep
+    target_decode_bytes: int | None = None  # or: float32 weight bytes read per generated token
     align: int = 32
     importance: str | None = None  # None: the method's own estimator
     calibration: str = DEFAULT_CALIBRATION
     num_samples: int = 32
     seq_len: int = 128
-    batch_size: int = 1  # gradients accumulate across batches; 1 keeps peak memory lowest
+    batch_size: int = 1  # gradients accumulate across batches; 1 keeps peak memory lowest (and SAAP per-sample)
     seed: int = 0
+    ablation: str = "fused"  # saap: fused | sum | vector | element
+    search: str = "adaptive"  # saap: adaptive | uniform
+    fluctuation_weight: float = 1.0  # saap: lambda in priority x (1 + lambda * CV)
 
     def __post_init__(self):
+        from pipeline.saap import ABLATIONS, SEARCHES
+
         if self.method not in METHODS:
             raise SaapError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
-        if not 0 < self.ratio <= 0.9:
+        budgets = [b for b in (self.ratio, self.target_params, self.target_decode_bytes) if b is not None]
+        if len(budgets) > 1:
+            raise SaapError("give one budget: --ratio, --target-params or --target-decode-bytes")
+        if not budgets:
+            self.ratio = 0.2
+        if self.ratio is not None and not 0 < self.ratio <= 0.9:
             raise SaapError(f"--ratio must be in (0, 0.9], got {self.ratio}")
+        if any(t is not None and t <= 0 for t in (self.target_params, self.target_decode_bytes)):
+            raise SaapError("--target-params and --target-decode-bytes must be positive")
         if self.align < 1:
             raise SaapError(f"--align must be a positive integer, got {self.align}")
         if self.importance is None:
             self.importance = METHODS[self.method]["importance"]
-        if self.importance not in ESTIMATORS:
+        if self.method == "llm-pruner" and self.importance not in ESTIMATORS:
             raise SaapError(f"unknown importance '{self.importance}' (choose from {', '.join(ESTIMATORS)})")
+        if self.method == "saap" and self.importance != "saap":
+            raise SaapError("--importance does not apply to --method saap (use --ablation)")
+        if self.ablation not in ABLATIONS or self.search not in SEARCHES:
+            raise SaapError(f"--ablation is one of {', '.join(ABLATIONS)}; --search one of {', '.join(SEARCHES)}")
         if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise SaapError("--num-samples, --seq-len and --batch-size must be positive")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "saap" or self.importance in ("taylor-vector", "taylor-element")
+
+
+def parameters_to_remove(config, shapes: list[LayerShape], total: int, settings: PruneSettings) -> int:
+    """The budget as a number of parameters to remove, whichever way it was given."""
+    if settings.ratio is not None:
+        return round(settings.ratio * total)
+    if settings.target_params is not None:
+        remove = total - settings.target_params
+        what = f"--target-params {settings.target_params:,}"
+    else:
+        remove = decode_parameter_count(config, shapes) - settings.target_decode_bytes // DTYPE_BYTES
+        what = f"--target-decode-bytes {settings.target_decode_bytes:,}"
+    prunable = sum(
+        layer_parameter_count(config, s) - layer_parameter_count(config, LayerShape(0, 0, 0)) for s in shapes
+    )
+    if remove <= 0:
+        raise SaapError(f"{what} is already met by the model ({total:,} parameters): nothing to prune")
+    if remove > 0.9 * prunable:
+        raise SaapError(f"{what} is unreachable: it needs {remove:,} of the {prunable:,} prunable parameters removed")
+    return remove
 
 
 def llm_pruner_layer_range(num_layers: int) -> range:
@@ -124,23 +168,43 @@ def shrink_model(model: nn.Module, scores: GroupScores, plan: list[LayerShape]) 
 
 def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -> dict:
     """Prune ``loaded.model`` in place; returns the provenance record for saap.json."""
+    from pipeline import saap
+
     model, config = loaded.model, loaded.model.config
     started = time.perf_counter()
     before_shapes = layer_shapes(config)
     total_before = model_parameter_count(model)
+    remove = parameters_to_remove(config, before_shapes, total_before, settings)
     layers = llm_pruner_layer_range(config.num_hidden_layers)
-    plan, _ = uniform_plan(config, before_shapes, layers, settings.ratio, settings.align, total_before)
+    uniform = settings.method == "llm-pruner" or settings.search == "uniform"
+    if uniform:  # plan first: an unreachable ratio fails before the expensive gradients
+        plan, _ = uniform_plan(config, before_shapes, layers, remove / total_before, settings.align, total_before)
 
-    estimator = make_estimator(settings.importance, settings.seed)
-    calibration = None
-    batches = None
-    if estimator.needs_gradients:
+    calibration, batches = None, None
+    if settings.needs_calibration:
         path = resolve_data_file(settings.calibration)
         batches = calibration_batches(
             loaded.tokenizer, path, settings.num_samples, settings.seq_len, settings.batch_size, settings.seed
         )
         calibration = {"path": str(path), "sha256": sha256_file(path)}
-    scores = score_groups(model, estimator, batches, progress)
+    record: dict = {}
+    if settings.method == "saap":
+        stats = saap.collect_statistics(model, batches, progress)
+        fused = saap.fuse(stats, settings.ablation)
+        cv = saap.fluctuation(fused)
+        scores = GroupScores(fused.groups["attention"], fused.groups["mlp"])
+        if not uniform:
+            plan = saap.adaptive_plan(
+                config, before_shapes, fused, cv, remove, settings.align, settings.fluctuation_weight
+            )
+        record["saap"] = {
+            "metric_noise": fused.noise,
+            "learned_sigma2": fused.sigma2,
+            "metric_weights": fused.weights,
+            "fluctuation_cv": cv,
+        }
+    else:
+        scores = score_groups(model, make_estimator(settings.importance, settings.seed), batches, progress)
     shrink_model(model, scores, plan)
 
     after_shapes = layer_shapes(config)
@@ -151,11 +215,14 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
         "method": settings.method,
         "settings": asdict(settings),
         "calibration": calibration,
-        "pruned_layers": [layers.start, layers.stop],
-        "ratio_requested": settings.ratio,
+        "pruned_layers": [layers.start, layers.stop] if uniform else [0, config.num_hidden_layers],
+        "ratio_requested": remove / total_before,
         "ratio_achieved": 1 - total_after / total_before,
         "params_before": total_before,
         "params_after": total_after,
+        "decode_bytes_before": decode_parameter_count(config, before_shapes) * DTYPE_BYTES,
+        "decode_bytes_after": decode_parameter_count(config, after_shapes) * DTYPE_BYTES,
+        **record,
         "layers": [
             {
                 "index": i,

@@ -107,6 +107,13 @@ def layer_parameter_count(config, shape: LayerShape) -> int:
     return attention + mlp + 2 * hidden
 
 
+def decode_parameter_count(config, shapes: list[LayerShape]) -> int:
+    """Weights read to generate one token: every decoder layer, the final norm, the output
+    projection (tied or not, it is read whole) and a single embedding row."""
+    layers = sum(layer_parameter_count(config, s) for s in shapes)
+    return layers + config.hidden_size + config.vocab_size * config.hidden_size + config.hidden_size
+
+
 def model_parameter_count(model: nn.Module) -> int:
     """Unique parameters (a tied embedding counts once, as the papers count it)."""
     seen, total = set(), 0
@@ -191,20 +198,23 @@ def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int) -> None:
     hidden = attention.q_proj.in_features
     q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
     attn_bias, mlp_bias = attention.q_proj.bias is not None, mlp.gate_proj.bias is not None
-    with torch.device("meta"):
-        attention.q_proj = nn.Linear(hidden, q_width, bias=attn_bias)
-        attention.k_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
-        attention.v_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
-        attention.o_proj = nn.Linear(q_width, hidden, bias=attn_bias)
-        mlp.gate_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
-        mlp.up_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
-        mlp.down_proj = nn.Linear(shape.intermediate_size, hidden, bias=mlp_bias)
-    _set_attention_counts(attention, shape)
-    mlp.intermediate_size = shape.intermediate_size
     if shape.num_key_value_heads == 0:
         layer.self_attn = RemovedAttention(attention.layer_idx)
+    else:
+        with torch.device("meta"):
+            attention.q_proj = nn.Linear(hidden, q_width, bias=attn_bias)
+            attention.k_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
+            attention.v_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
+            attention.o_proj = nn.Linear(q_width, hidden, bias=attn_bias)
+        _set_attention_counts(attention, shape)
     if shape.intermediate_size == 0:
         layer.mlp = RemovedMLP()
+    else:
+        with torch.device("meta"):
+            mlp.gate_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
+            mlp.up_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
+            mlp.down_proj = nn.Linear(shape.intermediate_size, hidden, bias=mlp_bias)
+        mlp.intermediate_size = shape.intermediate_size
 
 
 def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -219,19 +229,36 @@ def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return linears
 
 
+# Which axis of each weight indexes its groups: output rows, or input columns for o_proj/down_proj.
+GROUP_AXIS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 0, "up_proj": 0, "down_proj": 1}
+
+
+def reduce_to_group_axis(name: str, per_element: torch.Tensor) -> torch.Tensor:
+    """Sum a per-element tensor of weight ``name`` over everything but its group axis."""
+    return per_element.sum(1 - GROUP_AXIS[name])
+
+
+def groups_from_reduced(shape: LayerShape, hd: int, reduced: dict[str, torch.Tensor]):
+    """Group totals ``(attention [n_kv], mlp [intermediate])`` from per-row/column sums."""
+    attention, mlp = torch.zeros(0), torch.zeros(0)
+    if "q_proj" in reduced:
+        q_rows, kv_rows = attention_group_index(shape, hd)
+        attention = (
+            reduced["q_proj"][q_rows].sum(1)
+            + reduced["k_proj"][kv_rows].sum(1)
+            + reduced["v_proj"][kv_rows].sum(1)
+            + reduced["o_proj"][q_rows].sum(1)
+        )
+    if "gate_proj" in reduced:
+        mlp = reduced["gate_proj"] + reduced["up_proj"] + reduced["down_proj"]
+    return attention, mlp
+
+
 def group_sums(shape: LayerShape, hd: int, per_element: dict[str, torch.Tensor]):
     """Sum a per-element quantity (same shapes as the prunable weights) over each coupled group.
 
-    Returns ``(attention [n_kv], mlp [intermediate])``. Used by every importance estimator, so the
-    group membership lives in this one place.
+    Returns ``(attention [n_kv], mlp [intermediate])``. Every importance estimator goes through
+    this, so the group membership lives in this one place.
     """
-    attention, mlp = torch.zeros(0), torch.zeros(0)
-    if "q_proj" in per_element:
-        q_rows, kv_rows = attention_group_index(shape, hd)
-        q_row = per_element["q_proj"].sum(1)
-        k_row, v_row = per_element["k_proj"].sum(1), per_element["v_proj"].sum(1)
-        o_col = per_element["o_proj"].sum(0)
-        attention = q_row[q_rows].sum(1) + k_row[kv_rows].sum(1) + v_row[kv_rows].sum(1) + o_col[q_rows].sum(1)
-    if "gate_proj" in per_element:
-        mlp = per_element["gate_proj"].sum(1) + per_element["up_proj"].sum(1) + per_element["down_proj"].sum(0)
-    return attention, mlp
+    reduced = {name: reduce_to_group_axis(name, t) for name, t in per_element.items()}
+    return groups_from_reduced(shape, hd, reduced)
