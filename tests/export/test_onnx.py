@@ -330,7 +330,9 @@ def test_overwrite_replaces_an_existing_export(aligned_checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def real_exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("real-onnx")
-    args = ["prune", "--model", "smollm2-135m", "--ratio", "0.2", "--out", str(root / "smol-p20"), "--quiet"]
+    # 8 calibration windows instead of 32: the same kind of per-layer pruned model, a quarter of the CPU time.
+    args = ["prune", "--model", "smollm2-135m", "--ratio", "0.2", "--num-samples", "8"]
+    args += ["--out", str(root / "smol-p20"), "--quiet"]
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=PROJECT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     reports = {p: export_onnx(root / "smol-p20", root / p, p, progress=False) for p in ("fp32", "int4")}
@@ -359,10 +361,10 @@ def test_real_fp32_perplexity_within_1_percent_and_int4_agrees(real_exports):
         with torch.no_grad():
             reference = torch_engine.model(torch.tensor(window[None])).logits[0].numpy()
         for name, values in (("torch", reference), ("onnx", logits)):
-            shifted = values[:-1] - values[:-1].max(-1, keepdims=True)
+            shifted = values[:-1].astype(np.float64) - values[:-1].max(-1, keepdims=True)
             log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
             nll[name] -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
     ppl = {name: math.exp(value / (len(windows) * 127)) for name, value in nll.items()}
-    print(f"perplexity over 16 windows: {ppl}")
+    print(f"perplexity over 16 windows: torch {ppl['torch']:.4f}, onnx fp32 {ppl['onnx']:.4f}")
     assert abs(ppl["onnx"] / ppl["torch"] - 1) <= 0.01
     assert reports["int4"]["checks"]["agreement"]["top1_vs_fp32"] >= 0.95
