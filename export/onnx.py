@@ -112,12 +112,10 @@ def _store_tied_embedding_once(graph, model) -> bool:
     """The tracer stores a tied lm_head twice (the embedding and its transpose): keep the embedding only.
 
     The MatMul then reads ``Transpose(embedding)``, as optimum's own deduplication does; ONNX Runtime
-    folds that at load time. Returns whether a duplicate was found and removed.
+    folds that at load time. Returns whether the graph now holds exactly one copy of the table.
     """
     from onnx import helper, numpy_helper
 
-    if not model.config.tie_word_embeddings:
-        return False
     embedding = model.model.embed_tokens.weight.detach().numpy()
     initializers = {init.name: init for init in graph.graph.initializer}
     reference = next((n for n, i in initializers.items() if tuple(i.dims) == embedding.shape), None)
@@ -129,16 +127,16 @@ def _store_tied_embedding_once(graph, model) -> bool:
         ),
         None,
     )
-    if reference is None or duplicate is None:
-        return False
-    transposed = f"{reference}_transposed"
-    users = [node for node in graph.graph.node if duplicate in node.input]
-    first = min(i for i, node in enumerate(graph.graph.node) if duplicate in node.input)
-    graph.graph.node.insert(first, helper.make_node("Transpose", [reference], [transposed], name="TiedLmHeadTranspose"))
-    for node in users:
-        node.input[:] = [transposed if name == duplicate else name for name in node.input]
-    graph.graph.initializer.remove(initializers[duplicate])
-    return True
+    if reference is not None and duplicate is not None:
+        transposed = f"{reference}_transposed"
+        first = min(i for i, node in enumerate(graph.graph.node) if duplicate in node.input)
+        for node in graph.graph.node:
+            if duplicate in node.input:
+                node.input[:] = [transposed if name == duplicate else name for name in node.input]
+        graph.graph.node.insert(first, helper.make_node("Transpose", [reference], [transposed], name="TiedLmHead_T"))
+        graph.graph.initializer.remove(initializers[duplicate])
+    shapes = {embedding.shape, embedding.shape[::-1]}
+    return sum(tuple(init.dims) in shapes for init in graph.graph.initializer) == 1
 
 
 def _save(graph, path: Path) -> None:
@@ -617,7 +615,8 @@ def export_onnx(
         t = time.perf_counter()
         _trace(torch_model, stage)
         graph = onnx.load(str(stage))
-        tied_once = _store_tied_embedding_once(graph, torch_model)
+        tied = torch_model.config.tie_word_embeddings
+        tied_once = _store_tied_embedding_once(graph, torch_model) if tied else None
         fp32_path = tmp / MODEL_FILE if precision == "fp32" else Path(stage_dir) / "fp32" / MODEL_FILE
         fp32_path.parent.mkdir(exist_ok=True)
         _save(graph, fp32_path)
@@ -632,7 +631,7 @@ def export_onnx(
         if precision != "fp32":
             _log(progress, f"converting to {precision}")
             t = time.perf_counter()
-            quantization = CONVERTERS[precision](fp32_path, tmp / MODEL_FILE, torch_model.config.tie_word_embeddings)
+            quantization = CONVERTERS[precision](fp32_path, tmp / MODEL_FILE, tied)
             timings[f"{precision}_s"] = round(time.perf_counter() - t, 2)
             windows = agreement_windows(tokenizer, agreement_windows_count, AGREEMENT_SEQ_LEN)
             if windows is not None and agreement_windows_count > 0:
@@ -664,7 +663,7 @@ def export_onnx(
             "source": loaded.source,
             "layers": [shape.as_dict() for shape in layer_shapes(torch_model.config)],
             "head_dim": head_dim(torch_model.config),
-            "tied_embedding_stored_once": tied_once if torch_model.config.tie_word_embeddings else None,
+            "tied_embedding_stored_once": tied_once,
             "quantization": quantization,
             "checks": {"fp32_max_abs_logit_diff_vs_torch": fp32_diff, "agreement": agreement},
             "exporter": {

@@ -282,6 +282,25 @@ def test_fp16_export_keeps_float32_io_and_loads_on_cpu(aligned_checkpoint, tmp_p
     assert logits.dtype == np.float32 and np.abs(logits - expected).max() < 0.05 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_graphs_past_the_protobuf_limit_keep_their_weights_in_one_external_file(
+    aligned_checkpoint, tmp_path, monkeypatch, precision
+):
+    """Models above ~2 GB go through onnx's external data; forced here on a tiny one by a zero threshold."""
+    ckpt, model = aligned_checkpoint
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    report = export_onnx(ckpt, tmp_path / "big", precision, progress=False, agreement_windows_count=0)
+    assert {"model.onnx", "model.onnx_data"} <= set(report["files"])
+    graph = onnx.load(str(tmp_path / "big" / "model.onnx"), load_external_data=False)
+    weights = [i for i in graph.graph.initializer if math.prod(i.dims) >= 1024]
+    assert weights and all(i.data_location == onnx.TensorProto.EXTERNAL for i in weights)
+    engine = load_engine("onnx", str(tmp_path / "big"))
+    with torch.no_grad():
+        expected = model(torch.tensor([[5, 9, 17]])).logits[0].numpy()
+    tolerance = 1e-3 if precision == "fp32" else 0.5 * np.abs(expected).max()
+    assert np.abs(engine.prefill([5, 9, 17]) - expected).max() <= tolerance
+
+
 def _leftovers(parent: Path, name: str) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
 
