@@ -144,6 +144,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_text_atomic(Path(args.out).with_suffix(".md"), results_markdown(results))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    if args.format == "onnx":
+        from export.onnx import ONNX_PRECISIONS, export_onnx
+
+        precision = args.precision or "fp32"
+        if precision not in ONNX_PRECISIONS:
+            raise SaapError(f"unknown ONNX precision '{precision}' (choose from {', '.join(ONNX_PRECISIONS)})")
+        report = export_onnx(args.model, args.out, precision, overwrite=args.overwrite, progress=not args.quiet)
+        size = report["model_bytes"] / 2**20
+    else:
+        from export.gguf import GGUF_QUANTS, export_gguf
+
+        quant = args.quant or "f16"
+        if quant not in GGUF_QUANTS:
+            raise SaapError(f"unknown GGUF quantization '{quant}' (choose from {', '.join(GGUF_QUANTS)})")
+        report = export_gguf(args.model, args.out, quant, overwrite=args.overwrite, progress=not args.quiet)
+        size = report["size_bytes"] / 2**20
+    print(f"exported {args.model} -> {args.out} ({args.format}, {size:.1f} MiB, {report['seconds']:.0f}s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.data import DEFAULT_CALIBRATION
     from pipeline.importance import ESTIMATORS
@@ -196,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results as JSON (and a markdown table beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("export", help="export a checkpoint to ONNX (ONNX Runtime) or GGUF (llama.cpp)")
+    p.add_argument("format", choices=["onnx", "gguf"])
+    _add_model(p)
+    p.add_argument("--out", required=True, help="ONNX: output directory; GGUF: output .gguf file")
+    p.add_argument("--precision", help="ONNX: fp32 (default) | fp16 | int8 | int4")
+    p.add_argument("--quant", help="GGUF: f16 (default) | f32 | bf16 | q8_0 | q4_0 | q4_k_m | q5_k_m")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,0 +1,684 @@
+"""Export a (pruned) Llama model to an ONNX decoder with a KV cache, optionally quantized for ONNX Runtime.
+
+The graph is traced by optimum-onnx's exporter (torch.onnx underneath) with a Llama ONNX config whose
+dummy cache has each layer's own KV-head count, so a pruned model exports as it is: inputs
+``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value`` and outputs
+``logits``, ``present.{i}.key/value``, with dynamic batch / sequence / past-sequence axes. Optimum's
+stock config assumes one KV-head count for every layer (and cannot load a per-layer checkpoint from
+disk), hence the in-memory model and the config subclass.
+
+Output directory (written to a temporary sibling, renamed into place at the end):
+
+    model.onnx (+ model.onnx_data above ~2 GB)   the graph, fp32 / fp16 / int8 / int4 weights
+    config.json, generation_config.json           the model's config, per-layer shapes included
+    tokenizer files                               as the Hugging Face tokenizer writes them
+    saap-onnx.json                                provenance: source sha256, precision, settings, checks, file sha256s
+
+Precisions: ``fp32``; ``fp16`` (float16 weights and compute, float32 inputs/outputs; meant for GPUs,
+still loads on the CPU provider); ``int8`` and ``int4`` (weight-only block quantization onto ONNX
+Runtime's MatMulNBits / GatherBlockQuantized ops, see the quantization section below: every decoder
+projection in 8 bits, or in 4 bits except down_proj in 8; the tied embedding / lm_head in 8 bits,
+stored once). Each export records its fp32 graph's logit difference to torch and, when quantized,
+its top-1 agreement with the fp32 graph on WikiText-2.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.checkpoint import atomic_output_dir, sha256_file, write_json_atomic
+from runtime.errors import SaapError
+from runtime.onnx_engine import MODEL_FILE, RECORD_FILE, OnnxSession
+from runtime.surgery import head_dim, layer_shapes
+
+ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+OPSET = 18
+FORMAT_VERSION = 1
+EXTERNAL_DATA_FILE = MODEL_FILE + "_data"  # optimum's name for the weights of a >2 GB graph
+# Protobuf cannot hold 2 GiB; leave room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+AGREEMENT_WINDOWS, AGREEMENT_SEQ_LEN = 8, 128
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[onnx] {message}", file=sys.stderr, flush=True)
+
+
+def _check_arguments(out: Path, precision: str, overwrite: bool) -> None:
+    if precision not in ONNX_PRECISIONS:
+        raise SaapError(f"unknown ONNX precision '{precision}' (choose from {', '.join(ONNX_PRECISIONS)})")
+    if not out.parent.is_dir():
+        raise SaapError(f"cannot write '{out}': its parent directory '{out.parent}' does not exist")
+    if out.exists() and not overwrite:
+        raise SaapError(f"output '{out}' already exists (pass --overwrite to replace it)")
+
+
+# --- the fp32 graph -------------------------------------------------------------------------------------
+
+
+def _onnx_config(config):
+    """optimum's Llama ONNX config with a dummy cache that has every layer's own KV-head count."""
+    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
+    from optimum.utils.input_generators import DummyTextInputGenerator, MistralDummyPastKeyValuesGenerator
+
+    class PerLayerPastKeyValuesGenerator(MistralDummyPastKeyValuesGenerator):
+        def __init__(self, task, normalized_config, **kwargs):
+            super().__init__(task, normalized_config, **kwargs)
+            self.kv_heads = [shape.num_key_value_heads for shape in layer_shapes(normalized_config.config)]
+            self.head_dim = head_dim(normalized_config.config)
+
+        def generate(self, input_name, framework="pt", int_dtype="int64", float_dtype="fp32"):
+            return [
+                tuple(
+                    self.random_float_tensor(
+                        (self.batch_size, kv_heads, self.sequence_length, self.head_dim),
+                        framework=framework,
+                        dtype=float_dtype,
+                    )
+                    for _ in ("key", "value")
+                )
+                for kv_heads in self.kv_heads
+            ]
+
+    class PerLayerLlamaOnnxConfig(LlamaOnnxConfig):
+        DEFAULT_ONNX_OPSET = OPSET
+        DUMMY_INPUT_GENERATOR_CLASSES = (DummyTextInputGenerator, PerLayerPastKeyValuesGenerator)
+        DUMMY_PKV_GENERATOR_CLASS = PerLayerPastKeyValuesGenerator
+
+    return PerLayerLlamaOnnxConfig(config, task="text-generation", use_past=True, use_past_in_inputs=True)
+
+
+def _trace(model, path: Path) -> None:
+    import torch
+    from optimum.exporters.onnx.convert import export
+
+    with warnings.catch_warnings(), torch.no_grad():
+        # The tracer warns about every Python-level shape check in transformers; they are the expected ones.
+        warnings.simplefilter("ignore")
+        export(model, _onnx_config(model.config), path, opset=OPSET, disable_dynamic_axes_fix=True)
+
+
+def _store_tied_embedding_once(graph, model) -> bool:
+    """The tracer stores a tied lm_head twice (the embedding and its transpose): keep the embedding only.
+
+    The MatMul then reads ``Transpose(embedding)``, as optimum's own deduplication does; ONNX Runtime
+    folds that at load time. Returns whether the graph now holds exactly one copy of the table.
+    """
+    from onnx import helper, numpy_helper
+
+    embedding = model.model.embed_tokens.weight.detach().numpy()
+    initializers = {init.name: init for init in graph.graph.initializer}
+    reference = next((n for n, i in initializers.items() if tuple(i.dims) == embedding.shape), None)
+    duplicate = next(
+        (
+            name
+            for name, init in initializers.items()
+            if tuple(init.dims) == embedding.shape[::-1] and np.array_equal(numpy_helper.to_array(init), embedding.T)
+        ),
+        None,
+    )
+    if reference is not None and duplicate is not None:
+        transposed = f"{reference}_transposed"
+        first = min(i for i, node in enumerate(graph.graph.node) if duplicate in node.input)
+        for node in graph.graph.node:
+            if duplicate in node.input:
+                node.input[:] = [transposed if name == duplicate else name for name in node.input]
+        graph.graph.node.insert(first, helper.make_node("Transpose", [reference], [transposed], name="TiedLmHead_T"))
+        graph.graph.initializer.remove(initializers[duplicate])
+    shapes = {embedding.shape, embedding.shape[::-1]}
+    return sum(tuple(init.dims) in shapes for init in graph.graph.initializer) == 1
+
+
+def _save(graph, path: Path) -> None:
+    """Save a ModelProto, with its weights in one external file only when protobuf cannot hold them."""
+    import onnx
+
+    large = graph.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    onnx.save(graph, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE)
+
+
+# --- quantization ---------------------------------------------------------------------------------------
+#
+# Weight-only block quantization onto ONNX Runtime's MatMulNBits / GatherBlockQuantized contrib ops,
+# written here rather than through onnxruntime.quantization because the measured alternatives fail
+# the accuracy bar on SmolLM2 (top-1 agreement with fp32 on WikiText-2, benchmarks/onnx_agreement.py):
+# quantize_dynamic (per-channel int8 weights, per-tensor uint8 activations) ~57 %, because one token's
+# massive activation sets the scale of the whole sequence; MatMulNBitsQuantizer at 4 bits (integer
+# zero points) ~66 %; its HQQ variant ~99 % but with float zero points, which the CPU kernel only
+# runs through a dequantize-then-GEMM path ~4x slower than fp32; 8-bit MatMulNBits is fast only with
+# int8 activations (accuracy_level 4), which alone costs ~4 points.
+#
+# Decoder projections: every block of 32 weights (along the input dimension, per output channel) is
+# asymmetric min/max quantized, w = q * scale + low, and stored for MatMulNBits' 4-bit kernel with
+# float32 activations (accuracy_level 0 - measured only ~20 % slower than the int8-activation path):
+#   4 bits: MatMulNBits(x) computes (q - 8) * scale; the rest, (low + 8 * scale), is added back as
+#           (block sums of x) @ offsets, a MatMul 1/32 the size of the weight;
+#   8 bits: q = 16 * hi + lo is split into two 4-bit planes, stored as one MatMulNBits over
+#           [x, x] (K doubled: hi blocks with scale 16 * scale, then lo blocks with scale), again
+#           plus block-sum offsets. Same bytes as int8, exact 8-bit weights, the fast 4-bit kernel.
+# For weights that already sit on a GGUF Q4_1 grid (the embedded SmolLM2 is one) 4 bits reproduce
+# them exactly. Embedding / lm_head: see _QuantizedTable.
+
+BLOCK = 32
+MS_DOMAIN = "com.microsoft"
+# precision -> bits of each decoder projection; down_proj reads the MLP's outlier-heavy activations and
+# loses most at 4 bits (measured: alone it drops agreement to ~80-88 %), so int4 keeps it at 8.
+SCHEMES = {
+    "int8": {"default": 8},
+    "int4": {"default": 4, "down_proj": 8},
+}
+EMBEDDING_BITS = 8  # the (tied) embedding / lm_head: symmetric 8-bit, one copy shared by both ops
+TABLE_ACCURACY_LEVEL = 4  # lm_head: int8 activations (its fp32 8-bit path is ~4x slower), then refined
+REFINE_TOP_K = 8  # logits recomputed in float32 per position (see _QuantizedTable.logits)
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, symmetric: bool, block: int = BLOCK):
+    """Quantize ``weight`` [K, N] in blocks of ``block`` along K, for each of the N output channels.
+
+    Returns unpacked ``(q [N, K/block, block] uint8, scales [N, K/block] float32, low)`` with
+    ``w ~= q * scale + low`` (asymmetric, ``low`` [N, K/block]) or ``w ~= (q - 2**(bits-1)) * scale``
+    (symmetric, ``low`` None).
+    """
+    k, n = weight.shape
+    if k % block:
+        raise ValueError(f"K={k} is not a multiple of the block size {block}")
+    blocks = weight.T.reshape(n, k // block, block).astype(np.float64)
+    if symmetric:
+        z0 = 2 ** (bits - 1)
+        scale = np.abs(blocks).max(-1) / (z0 - 1)
+        scale = np.where(scale > 0, scale, 1.0)
+        q = np.clip(np.rint(blocks / scale[..., None]), 1 - z0, z0 - 1) + z0
+        low = None
+    else:
+        levels = 2**bits - 1
+        low, high = blocks.min(-1), blocks.max(-1)
+        scale = np.where(high > low, (high - low) / levels, 1.0)
+        q = np.clip(np.rint((blocks - low[..., None]) / scale[..., None]), 0, levels)
+    return q.astype(np.uint8), scale, low
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """4-bit values [..., block] -> bytes [..., block/2], the even element in the low nibble (MatMulNBits)."""
+    return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
+
+
+def nibble_planes(weight: np.ndarray, bits: int):
+    """``weight`` [K, N] as 4-bit MatMulNBits inputs: ``(packed, scales, offsets [K/32, N], planes)``.
+
+    ``x @ weight == MatMulNBits([x] * planes) + blocksums(x) @ offsets`` up to the quantization error.
+    """
+    q, scale, low = quantize_blocks(weight, bits, symmetric=False)
+    if bits == 4:
+        planes, scales, offsets = q, scale, low + 8 * scale
+    elif bits == 8:  # q = 16 hi + lo: (hi - 8) * 16 s + (lo - 8) * s + (low + 136 s) == q * s + low
+        planes = np.concatenate([q >> 4, q & 15], axis=1)
+        scales = np.concatenate([16 * scale, scale], axis=1)
+        offsets = low + 136 * scale
+    else:
+        raise ValueError(f"unsupported bit width {bits}")
+    return pack_nibbles(planes), scales.astype(np.float32), offsets.T.astype(np.float32), bits // 4
+
+
+class _GraphEditor:
+    """Replaces MatMul / Gather nodes of a ModelProto in place, keeping the node order valid."""
+
+    def __init__(self, graph):
+        from onnx import numpy_helper
+
+        self.model = graph
+        self.graph = graph.graph
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self.to_array = numpy_helper.to_array
+        self.from_array = numpy_helper.from_array
+        self.shared: dict[str, str] = {}
+        # The node wrappers are held here so that their ids stay unique keys until commit().
+        self.nodes = list(self.graph.node)
+        self.replacements: dict[int, list] = {}  # id(old node) -> new nodes
+
+    def add_initializer(self, array: np.ndarray, name: str) -> str:
+        self.graph.initializer.append(self.from_array(array, name))
+        return name
+
+    def drop_initializer(self, name: str) -> None:
+        if not any(name in node.input for node in self.nodes if id(node) not in self.replacements):
+            self.graph.initializer.remove(self.initializers.pop(name))
+
+    def _shared(self, key: str, build) -> str:
+        """One tensor per (input, purpose), shared by q/k/v and gate/up which read the same input."""
+        if key not in self.shared:
+            self.shared[key] = build()
+        return self.shared[key]
+
+    def matmul_nbits(self, node, weight: np.ndarray, bits: int) -> list:
+        """The nodes computing ``node`` (x @ weight) from 4-bit planes plus block-sum offsets."""
+        from onnx import helper
+
+        k, n = weight.shape
+        packed, scales, offsets, planes = nibble_planes(weight, bits)
+        x, name, nodes = node.input[0], f"{node.name}_Q{bits}", []
+
+        def block_sums() -> str:
+            out = f"{x}_blocksums"
+            shape = self.add_initializer(np.array([0, 0, k // BLOCK, BLOCK], dtype=np.int64), f"{out}_shape")
+            axes = self.add_initializer(np.array([-1], dtype=np.int64), f"{out}_axes")
+            nodes.append(helper.make_node("Reshape", [x, shape], [f"{out}_blocks"], name=f"{out}_Reshape"))
+            nodes.append(helper.make_node("ReduceSum", [f"{out}_blocks", axes], [out], name=out, keepdims=0))
+            return out
+
+        def repeated() -> str:
+            out = f"{x}_x{planes}"
+            nodes.append(helper.make_node("Concat", [x] * planes, [out], name=f"{out}_Concat", axis=-1))
+            return out
+
+        sums = self._shared(f"{x}/sums", block_sums)
+        a = x if planes == 1 else self._shared(f"{x}/x{planes}", repeated)
+        b = self.add_initializer(packed, f"{name}_weight")
+        s = self.add_initializer(scales, f"{name}_scales")
+        c = self.add_initializer(offsets, f"{name}_offsets")
+        # accuracy_level 0: float32 activations through the 4-bit kernel (exact weights stay exact).
+        nodes.append(self.nbits_node(name, a, b, s, f"{name}_main", k * planes, n, 4, accuracy_level=0))
+        nodes.append(helper.make_node("MatMul", [sums, c], [f"{name}_offset"], name=f"{name}_Offset"))
+        nodes.append(helper.make_node("Add", [f"{name}_main", f"{name}_offset"], [node.output[0]], name=f"{name}_Add"))
+        return nodes
+
+    @staticmethod
+    def nbits_node(name, x, weight, scales, out, k: int, n: int, bits: int, accuracy_level: int):
+        from onnx import helper
+
+        attributes = {"accuracy_level": accuracy_level} if accuracy_level else {}
+        return helper.make_node(
+            "MatMulNBits",
+            [x, weight, scales],
+            [out],
+            name=name,
+            domain=MS_DOMAIN,
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=BLOCK,
+            **attributes,
+        )
+
+    def replace(self, node, nodes: list) -> None:
+        self.replacements[id(node)] = nodes
+
+    def commit(self) -> None:
+        from onnx import NodeProto, helper
+
+        new_nodes = []
+        for node in self.nodes:
+            for kept in self.replacements.get(id(node), [node]):
+                copy = NodeProto()
+                copy.CopyFrom(kept)  # detached from the field cleared below
+                new_nodes.append(copy)
+        self.graph.ClearField("node")
+        self.graph.node.extend(new_nodes)
+        if not any(op.domain == MS_DOMAIN for op in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _projection(node_name: str) -> str:
+    """'/model/layers.3/mlp/down_proj/MatMul' -> 'down_proj'."""
+    parts = node_name.strip("/").split("/")
+    return parts[-2] if len(parts) >= 2 else node_name
+
+
+class _QuantizedTable:
+    """A [rows, hidden] matrix as symmetric 8-bit blocks, readable both ways without a second copy.
+
+    MatMulNBits takes it as B ([N=rows, K/32, 32]); GatherBlockQuantized takes the same initializer
+    to look rows up (the embedding, or the lm_head rows whose logits get refined).
+    """
+
+    def __init__(self, editor: _GraphEditor, table: np.ndarray, base: str):
+        from onnx import helper
+
+        self.editor, self.base = editor, base
+        self.rows, self.hidden = table.shape
+        q, scales, _ = quantize_blocks(table.T, EMBEDDING_BITS, symmetric=True)
+        self.data = editor.add_initializer(q, base)
+        self.scales = editor.add_initializer(scales.astype(np.float32), f"{base}_scales")
+        shape = editor.add_initializer(np.array([self.rows, self.hidden // BLOCK, 1], dtype=np.int64), f"{base}_s3")
+        # GatherBlockQuantized wants scales of the data's rank; a Reshape (folded at load) keeps one copy.
+        self.scales_3d = f"{base}_scales_3d"
+        self.prologue = [helper.make_node("Reshape", [self.scales, shape], [self.scales_3d], name=f"{base}_Scales3d")]
+        self.row_shape = editor.add_initializer(np.array([0, 0, self.hidden], dtype=np.int64), f"{base}_rowshape")
+        self.rows_shape = editor.add_initializer(np.array([0, 0, 0, self.hidden], dtype=np.int64), f"{base}_rowsshape")
+
+    def lookup(self, ids: str, out: str, tag: str, shape: str | None = None) -> list:
+        """Rows ``ids`` of the table, dequantized, as float32 ``[..., hidden]``."""
+        from onnx import helper
+
+        raw = f"{self.base}_{tag}_blocks"
+        return [
+            helper.make_node(
+                "GatherBlockQuantized",
+                [self.data, ids, self.scales_3d],
+                [raw],
+                name=f"{self.base}_{tag}_Gather",
+                domain=MS_DOMAIN,
+                gather_axis=0,
+                quantize_axis=2,
+                block_size=BLOCK,
+                bits=EMBEDDING_BITS,
+            ),
+            helper.make_node("Reshape", [raw, shape or self.row_shape], [out], name=f"{self.base}_{tag}_Reshape"),
+        ]
+
+    def logits(self, x: str, out: str, name: str) -> list:
+        """``x @ table.T`` with int8 activations, then the REFINE_TOP_K largest logits redone in float32.
+
+        The 8-bit weights are exact for a Q8_0-derived table; what the fast path loses is the int8
+        rounding of ``x``, and that flips near-tied top-1 tokens (measured ~1.5 points of agreement).
+        Recomputing the top candidates from the dequantized rows costs ~REFINE_TOP_K / vocab of the head.
+        """
+        from onnx import helper
+
+        approx, values, index = f"{name}_approx", f"{name}_topk_values", f"{name}_topk_index"
+        k = self.editor.add_initializer(np.array([REFINE_TOP_K], dtype=np.int64), f"{name}_k")
+        axis = self.editor.add_initializer(np.array([-1], dtype=np.int64), f"{name}_axis")
+        nodes = [
+            self.editor.nbits_node(
+                name, x, self.data, self.scales, approx, self.hidden, self.rows, EMBEDDING_BITS, TABLE_ACCURACY_LEVEL
+            ),
+            helper.make_node("TopK", [approx, k], [values, index], name=f"{name}_TopK", axis=-1),
+            *self.lookup(index, f"{name}_rows", "refine", self.rows_shape),
+            helper.make_node("Unsqueeze", [x, axis], [f"{name}_x"], name=f"{name}_Unsqueeze"),
+            helper.make_node("MatMul", [f"{name}_rows", f"{name}_x"], [f"{name}_dots"], name=f"{name}_Dots"),
+            helper.make_node("Squeeze", [f"{name}_dots", axis], [f"{name}_exact"], name=f"{name}_Squeeze"),
+            helper.make_node(
+                "ScatterElements", [approx, index, f"{name}_exact"], [out], name=f"{name}_Scatter", axis=-1
+            ),
+        ]
+        return nodes
+
+
+def _quantize_embedding(editor: _GraphEditor, tied: bool) -> dict[str, Any]:
+    """Embedding lookup -> GatherBlockQuantized; a tied lm_head -> MatMulNBits on the same bytes."""
+    gather = next((n for n in editor.nodes if n.op_type == "Gather" and n.input[0] in editor.initializers), None)
+    if gather is None:
+        return {"embedding": "float32 (no Gather on an initializer found)"}
+    name = gather.input[0]
+    table = editor.to_array(editor.initializers[name])  # [vocab, hidden]
+    if table.shape[1] % BLOCK:
+        return {"embedding": f"float32 (hidden size {table.shape[1]} is not a multiple of {BLOCK})"}
+    quantized = _QuantizedTable(editor, table, f"{name}_Q{EMBEDDING_BITS}")
+    editor.replace(gather, [*quantized.prologue, *quantized.lookup(gather.input[1], gather.output[0], "embed")])
+    record = {"embedding": f"int{EMBEDDING_BITS} symmetric blocks of {BLOCK} (GatherBlockQuantized)"}
+    if tied:
+        transpose = next((n for n in editor.nodes if n.op_type == "Transpose" and n.input[0] == name), None)
+        head = transpose and next((n for n in editor.nodes if transpose.output[0] in n.input), None)
+        if head is not None and head.op_type == "MatMul" and head.input[1] == transpose.output[0]:
+            editor.replace(transpose, [])
+            editor.replace(head, quantized.logits(head.input[0], head.output[0], f"{head.name}_Q{EMBEDDING_BITS}"))
+            record["lm_head"] = (
+                f"tied: the same int{EMBEDDING_BITS} blocks through MatMulNBits, top-{REFINE_TOP_K} logits in float32"
+            )
+    editor.drop_initializer(name)
+    return record
+
+
+def _quantize_lm_head(editor: _GraphEditor, node, weight: np.ndarray) -> dict[str, Any]:
+    """An untied lm_head ([hidden, vocab] initializer): the same scheme as a tied one, on its own table."""
+    quantized = _QuantizedTable(editor, weight.T, f"{node.input[1]}_Q{EMBEDDING_BITS}")
+    editor.replace(node, [*quantized.prologue, *quantized.logits(node.input[0], node.output[0], node.name + "_Q8")])
+    editor.drop_initializer(node.input[1])
+    return {"lm_head": f"int{EMBEDDING_BITS} symmetric blocks of {BLOCK}, top-{REFINE_TOP_K} logits in float32"}
+
+
+def quantize_graph(graph, precision: str, tied: bool) -> dict[str, Any]:
+    """Rewrite the fp32 ``graph`` in place to ``precision`` (int8 / int4); returns what was done."""
+    scheme = SCHEMES[precision]
+    editor = _GraphEditor(graph)
+    counts: dict[str, int] = {}
+    record: dict[str, Any] = {}
+    lm_head = _lm_head_nodes(graph)
+    for node in editor.nodes:
+        if node.op_type != "MatMul" or node.input[1] not in editor.initializers:
+            continue
+        weight = editor.to_array(editor.initializers[node.input[1]])
+        if weight.ndim != 2:
+            continue
+        if weight.shape[0] % BLOCK:
+            # Offsets need whole blocks; a ragged K (only unaligned pruning makes one) keeps float32.
+            counts["float32 (K not a multiple of 32)"] = counts.get("float32 (K not a multiple of 32)", 0) + 1
+            continue
+        if node.name in lm_head:
+            record.update(_quantize_lm_head(editor, node, weight))
+            continue
+        bits = scheme.get(_projection(node.name), scheme["default"])
+        editor.replace(node, editor.matmul_nbits(node, weight, bits))
+        counts[f"int{bits}"] = counts.get(f"int{bits}", 0) + 1
+        editor.drop_initializer(node.input[1])
+    record.update(_quantize_embedding(editor, tied))
+    editor.commit()
+    return {
+        "method": "saap block quantization onto onnxruntime MatMulNBits / GatherBlockQuantized",
+        "weights": f"asymmetric min/max blocks of {BLOCK} along the input dimension, float offsets",
+        "kernel": "MatMulNBits 4-bit, float32 activations (8-bit weights as two 4-bit planes)",
+        "block_size": BLOCK,
+        "projection_bits": dict(scheme),
+        "matmuls": counts,
+        **record,
+    }
+
+
+def _lm_head_nodes(graph) -> list[str]:
+    """The MatMul producing the logits, when it reads a weight initializer directly (an untied lm_head)."""
+    producers = {out: node for node in graph.graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type != "MatMul" and node.input:
+        node = producers.get(node.input[0])
+    initializers = {init.name for init in graph.graph.initializer}
+    return [node.name] if node is not None and node.op_type == "MatMul" and node.input[1] in initializers else []
+
+
+def _to_fp16(fp32_path: Path, out_path: Path, tied: bool) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    graph = onnx.load(str(fp32_path))
+    # Inputs/outputs (ids, mask, cache, logits) stay float32, so callers feed every precision alike.
+    # Shape inference only finds value types to keep; large graphs cannot go through it in memory.
+    fp16 = convert_float_to_float16(graph, keep_io_types=True, disable_shape_infer=graph.ByteSize() > 2**31 - 1)
+    _save(fp16, out_path)
+    return {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
+
+
+def _to_blocks(precision: str):
+    def convert(fp32_path: Path, out_path: Path, tied: bool) -> dict[str, Any]:
+        import onnx
+
+        graph = onnx.load(str(fp32_path))
+        record = quantize_graph(graph, precision, tied)
+        _save(graph, out_path)
+        return record
+
+    return convert
+
+
+CONVERTERS = {"fp16": _to_fp16, "int8": _to_blocks("int8"), "int4": _to_blocks("int4")}
+
+
+# --- checks ---------------------------------------------------------------------------------------------
+
+
+def _session(path: Path):
+    from runtime.engine import EngineSettings
+    from runtime.onnx_engine import create_session
+
+    return OnnxSession(create_session(path, EngineSettings()))
+
+
+def max_abs_diff_vs_torch(model, graph: OnnxSession, prompt_len: int = 12, steps: int = 3, seed: int = 0) -> float:
+    """Largest logit difference between ``model`` and the graph: a prefill, then decode steps on the cache."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, model.config.vocab_size, size=prompt_len + steps)
+    with torch.no_grad():
+        expected = model(torch.tensor(ids[None])).logits[0].float().numpy()
+    logits, cache = graph.run(ids[None, :prompt_len], graph.empty_cache())
+    worst = float(np.abs(logits[0] - expected[:prompt_len]).max())
+    for t in range(prompt_len, prompt_len + steps):
+        logits, cache = graph.run(ids[None, t : t + 1], cache)
+        worst = max(worst, float(np.abs(logits[0, 0] - expected[t]).max()))
+    return worst
+
+
+def agreement_windows(tokenizer, num_windows: int, seq_len: int) -> tuple[np.ndarray, str] | None:
+    """The first WikiText-2 test windows (LLM-Pruner's protocol), or None where the data set is absent."""
+    from pipeline.data import PERPLEXITY_SETS, perplexity_text, resolve_data_file
+
+    try:
+        path = resolve_data_file("wikitext2", PERPLEXITY_SETS)
+    except SaapError:
+        return None
+    # Tokenizing a generous prefix gives the same first windows as the whole text, much faster.
+    text = perplexity_text(path, "wikitext2")[: num_windows * seq_len * 8 + 10_000]
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    n = min(num_windows, len(ids) // seq_len)
+    return (ids[: n * seq_len].reshape(n, seq_len), str(path)) if n else None
+
+
+def window_logits(graph: OnnxSession, windows: np.ndarray):
+    """Logits of every window, one at a time (batch 1 keeps peak memory at one window's logits)."""
+    for window in windows:
+        logits, _ = graph.run(window[None], graph.empty_cache())
+        yield logits[0]
+
+
+def top1_agreement(reference: OnnxSession, candidate: OnnxSession, windows: np.ndarray) -> float:
+    same = total = 0
+    for ref, cand in zip(window_logits(reference, windows), window_logits(candidate, windows), strict=True):
+        same += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        total += ref.shape[0]
+    return same / total
+
+
+# --- the export -----------------------------------------------------------------------------------------
+
+
+def _readable_like_its_siblings(path: Path) -> None:
+    # write_json_atomic goes through mkstemp, which creates the file private (0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def export_onnx(
+    model: str | Path,
+    out: str | Path,
+    precision: str = "fp32",
+    overwrite: bool = False,
+    progress: bool = True,
+    agreement_windows_count: int = AGREEMENT_WINDOWS,
+) -> dict:
+    """Export ``model`` (anything ``load_model`` accepts) to the ONNX directory ``out``; returns the report.
+
+    For a quantized precision the report carries the top-1 agreement of its logits with the fp32 graph
+    on the first ``agreement_windows_count`` WikiText-2 windows of 128 tokens (when the data set is
+    present; 0 skips it).
+    """
+    import onnx
+
+    from runtime.models import load_model
+
+    started = time.perf_counter()
+    out = Path(out).expanduser()
+    _check_arguments(out, precision, overwrite)
+    _log(progress, f"loading {model}")
+    loaded = load_model(str(model))
+    torch_model, tokenizer = loaded.model, loaded.tokenizer
+    timings: dict[str, float] = {}
+
+    with atomic_output_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp) as stage_dir:
+        stage = Path(stage_dir) / MODEL_FILE
+        _log(progress, f"tracing the fp32 graph (optimum-onnx, opset {OPSET})")
+        t = time.perf_counter()
+        _trace(torch_model, stage)
+        graph = onnx.load(str(stage))
+        tied = torch_model.config.tie_word_embeddings
+        tied_once = _store_tied_embedding_once(graph, torch_model) if tied else None
+        fp32_path = tmp / MODEL_FILE if precision == "fp32" else Path(stage_dir) / "fp32" / MODEL_FILE
+        fp32_path.parent.mkdir(exist_ok=True)
+        _save(graph, fp32_path)
+        del graph
+        timings["trace_s"] = round(time.perf_counter() - t, 2)
+
+        fp32_session = _session(fp32_path)
+        fp32_diff = max_abs_diff_vs_torch(torch_model, fp32_session)
+        _log(progress, f"fp32 graph: max |logits - torch| = {fp32_diff:.2e}")
+
+        quantization, agreement = None, None
+        if precision != "fp32":
+            _log(progress, f"converting to {precision}")
+            t = time.perf_counter()
+            quantization = CONVERTERS[precision](fp32_path, tmp / MODEL_FILE, tied)
+            timings[f"{precision}_s"] = round(time.perf_counter() - t, 2)
+            windows = agreement_windows(tokenizer, agreement_windows_count, AGREEMENT_SEQ_LEN)
+            if windows is not None and agreement_windows_count > 0:
+                t = time.perf_counter()
+                value = top1_agreement(fp32_session, _session(tmp / MODEL_FILE), windows[0])
+                agreement = {
+                    "top1_vs_fp32": round(value, 4),
+                    "windows": len(windows[0]),
+                    "seq_len": AGREEMENT_SEQ_LEN,
+                    "text": "wikitext2 test, first windows",
+                }
+                timings["agreement_s"] = round(time.perf_counter() - t, 2)
+                _log(progress, f"{precision}: top-1 agreement with fp32 = {value:.1%} over {len(windows[0])} windows")
+        del fp32_session
+
+        torch_model.config.save_pretrained(tmp)
+        if torch_model.generation_config is not None:
+            torch_model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+        files = {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+        }
+        record = {
+            "format_version": FORMAT_VERSION,
+            "format": "onnx",
+            "precision": precision,
+            "opset": OPSET,
+            "source": loaded.source,
+            "layers": [shape.as_dict() for shape in layer_shapes(torch_model.config)],
+            "head_dim": head_dim(torch_model.config),
+            "tied_embedding_stored_once": tied_once,
+            "quantization": quantization,
+            "checks": {"fp32_max_abs_logit_diff_vs_torch": fp32_diff, "agreement": agreement},
+            "exporter": {
+                "optimum-onnx": _package_version("optimum-onnx"),
+                "torch": _package_version("torch"),
+                "onnx": _package_version("onnx"),
+                "onnxruntime": _package_version("onnxruntime"),
+            },
+            "timings": timings,
+            "files": files,
+        }
+        write_json_atomic(tmp / RECORD_FILE, record)
+        _readable_like_its_siblings(tmp / RECORD_FILE)
+
+    seconds = round(time.perf_counter() - started, 1)
+    model_bytes = sum(v["bytes"] for k, v in files.items() if k.startswith(MODEL_FILE))
+    _log(progress, f"wrote {out} ({model_bytes / 1e6:.1f} MB of weights) in {seconds} s")
+    return {**record, "path": str(out), "seconds": seconds, "model_bytes": model_bytes}

@@ -1,0 +1,389 @@
+"""ONNX export: graph interface, parity with the torch engine, quantized variants, provenance, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+import export.onnx as onnx_export
+from export.onnx import ONNX_PRECISIONS, export_onnx, nibble_planes, quantize_blocks, quantize_graph
+from runtime.checkpoint import save_checkpoint, sha256_file
+from runtime.engine import EngineSettings, load_engine
+from runtime.errors import SaapError
+from runtime.onnx_engine import RECORD_FILE, OnnxSession, create_session
+from runtime.surgery import head_dim, layer_shapes, model_parameter_count
+from tests.conftest import make_model
+from tests.runtime.test_surgery import slice_groups
+
+PROJECT = Path(__file__).resolve().parents[2]
+# (heads, kv_heads, tied, head_dim): per-layer pruned; head_dim 32 keeps pruned widths multiples of 32.
+PRUNED = {"mha-tied": (4, 4, True, 16), "gqa-untied": (6, 2, False, 32)}
+
+
+def pruned_model(heads: int, kv_heads: int, tied: bool, hd: int):
+    model = make_model(heads=heads, kv_heads=kv_heads, tied=tied, head_dim=hd)
+    # Layer 0 loses an attention group, layer 1 a quarter of its MLP, layer 2 stays dense.
+    return slice_groups(model, {0: [0]}, {1: list(range(32))})
+
+
+@pytest.fixture(scope="module", params=list(PRUNED))
+def exported(request, tmp_path_factory, tokenizer):
+    """(checkpoint dir, fp32 export dir, report, model) of a per-layer pruned tiny model."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = pruned_model(*PRUNED[request.param])
+    save_checkpoint(model, tokenizer, root / "ckpt", {})
+    report = export_onnx(root / "ckpt", root / "onnx", progress=False)
+    return root / "ckpt", root / "onnx", report, model
+
+
+def test_fp32_onnx_decodes_like_the_torch_engine(exported):
+    ckpt, out, report, _ = exported
+    reference = load_engine("torch", str(ckpt), EngineSettings(threads=1))
+    engine = load_engine("onnx", str(out), EngineSettings(threads=1))
+    prompt = [5, 9, 17, 33, 2, 40, 7]
+    worst = float(np.abs(engine.prefill(prompt) - reference.prefill(prompt)).max())
+    for token in [11, 250, 3, 64, 128]:  # decode steps on the KV cache
+        worst = max(worst, float(np.abs(engine.decode_step(token) - reference.decode_step(token)).max()))
+    assert worst <= 1e-3
+    assert engine.generate(prompt, 16, stop_at_eos=False) == reference.generate(prompt, 16, stop_at_eos=False)
+    assert engine.eos_token_ids == reference.eos_token_ids
+    assert report["checks"]["fp32_max_abs_logit_diff_vs_torch"] <= 1e-3
+
+
+def test_graph_declares_each_layers_cache_and_dynamic_axes(exported):
+    _, out, report, model = exported
+    graph = onnx.load(str(out / "model.onnx"))
+    assert next(op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")) >= 18
+    shapes, hd = layer_shapes(model.config), head_dim(model.config)
+    assert len({s.num_key_value_heads for s in shapes}) > 1  # the fixture really is per-layer pruned
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    inputs, outputs = {v.name: dims(v) for v in graph.graph.input}, {v.name: dims(v) for v in graph.graph.output}
+    cache = [f"past_key_values.{i}.{kind}" for i in range(len(shapes)) for kind in ("key", "value")]
+    assert list(inputs) == ["input_ids", "attention_mask", "position_ids", *cache]
+    assert list(outputs) == ["logits", *(name.replace("past_key_values", "present") for name in cache)]
+    for name, dim in inputs.items():
+        assert isinstance(dim[0], str) and isinstance(dim[1 if "past" not in name else 2], str)  # batch, sequence
+    for i, shape in enumerate(shapes):
+        for kind in ("key", "value"):
+            batch, kv, past, size = inputs[f"past_key_values.{i}.{kind}"]
+            assert (kv, size) == (shape.num_key_value_heads, hd) and isinstance(past, str)
+            assert outputs[f"present.{i}.{kind}"][1] == shape.num_key_value_heads
+    assert outputs["logits"][2] == model.config.vocab_size
+
+    # Weights are stored once: a tied embedding has one [vocab, hidden] copy, an untied model two.
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    tables = [i for i in graph.graph.initializer if sorted(i.dims) == sorted([vocab, hidden])]
+    assert len(tables) == (1 if model.config.tie_word_embeddings else 2)
+    assert report["tied_embedding_stored_once"] is (True if model.config.tie_word_embeddings else None)
+    stored = sum(math.prod(i.dims) for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    # (the tracer folds identical initializers such as all-ones norm weights into one)
+    assert 0.99 * model_parameter_count(model) <= stored <= 1.01 * model_parameter_count(model)
+
+
+def test_plain_onnxruntime_runs_the_export_without_project_code(exported, tmp_path):
+    """What a user of the export gets with nothing but onnxruntime and numpy: batch 2, prefill + one step."""
+    _, out, _, model = exported
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import numpy as np
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(sys.argv[1] + "/model.onnx", providers=["CPUExecutionProvider"])
+        past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        ids = np.array([[5, 9, 17, 33, 2], [40, 7, 11, 250, 3]], dtype=np.int64)
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+            "position_ids": np.tile(np.arange(5), (2, 1)),
+            **{i.name: np.zeros((2, i.shape[1], 0, i.shape[3]), dtype=np.float32) for i in past},
+        }
+        names = [o.name for o in session.get_outputs()]
+        results = dict(zip(names, session.run(None, feed)))
+        step = {
+            "input_ids": np.array([[64], [128]], dtype=np.int64),
+            "attention_mask": np.ones((2, 6), dtype=np.int64),
+            "position_ids": np.array([[5], [5]], dtype=np.int64),
+            **{i.name: results[i.name.replace("past_key_values", "present")] for i in past},
+        }
+        logits = session.run(["logits"], step)[0]
+        np.save(sys.argv[2], np.concatenate([results["logits"], logits], axis=1))
+        project = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "runtime", "export")]
+        print(json.dumps({"project_modules": project}))
+        """
+    )
+    # -I: isolated mode, neither the working directory nor PYTHON* variables put project code on the path.
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", script, str(out), str(tmp_path / "logits.npy")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["project_modules"] == []
+    full = torch.tensor([[5, 9, 17, 33, 2, 64], [40, 7, 11, 250, 3, 128]])
+    with torch.no_grad():
+        expected = model(full).logits.numpy()
+    assert np.abs(np.load(tmp_path / "logits.npy") - expected).max() <= 1e-3
+
+
+def test_export_records_provenance_and_loads_with_transformers_tokenizer(exported):
+    ckpt, out, report, model = exported
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["precision"] == "fp32" and record["opset"] >= 18
+    assert record["source"]["sha256"] == sha256_file(ckpt / "model.safetensors")
+    assert record["layers"] == [s.as_dict() for s in layer_shapes(model.config)]
+    for name, entry in record["files"].items():
+        assert sha256_file(out / name) == entry["sha256"] and (out / name).stat().st_size == entry["bytes"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_key_value_heads_per_layer"] == [s.num_key_value_heads for s in layer_shapes(model.config)]
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(os.listdir(out))
+    assert report["files"]["model.onnx"]["bytes"] == report["model_bytes"]
+    assert oct((out / RECORD_FILE).stat().st_mode & 0o777) == oct((out / "config.json").stat().st_mode & 0o777)
+
+
+@pytest.fixture(scope="module")
+def aligned_checkpoint(tmp_path_factory, tokenizer):
+    """A pruned GQA model whose every width is a multiple of 32, so every projection gets quantized."""
+    path = tmp_path_factory.mktemp("aligned") / "ckpt"
+    model = pruned_model(6, 2, True, 32)
+    save_checkpoint(model, tokenizer, path, {})
+    return path, model
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_exports_use_block_quantized_ops_and_run(aligned_checkpoint, tmp_path, precision):
+    ckpt, model = aligned_checkpoint
+    report = export_onnx(ckpt, tmp_path / precision, precision, progress=False, agreement_windows_count=2)
+    graph = onnx.load(str(tmp_path / precision / "model.onnx"))
+    ops = [node.op_type for node in graph.graph.node]
+    projections = 7 * model.config.num_hidden_layers
+    assert ops.count("MatMulNBits") == projections + 1  # + the tied lm_head
+    assert ops.count("GatherBlockQuantized") == 2  # the embedding lookup and the lm_head's top-k refinement
+    assert not [i.name for i in graph.graph.initializer if len(i.dims) == 2 and min(i.dims) >= 64 and i.data_type == 1]
+    bits = [a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+    assert set(bits) == {4, 8}  # decoder projections as 4-bit planes, the table in 8 bits
+    assert report["quantization"]["matmuls"] == (
+        {"int8": projections} if precision == "int8" else {"int4": projections - 3, "int8": 3}
+    )
+    weight_bytes = sum(numpy_helper.to_array(i).nbytes for i in graph.graph.initializer)
+    assert weight_bytes < (0.37 if precision == "int8" else 0.27) * 4 * model_parameter_count(model)
+    assert "agreement" in report["checks"]
+
+    engine = load_engine("onnx", str(tmp_path / precision))
+    prompt = [5, 9, 17, 33, 2, 40, 7]
+    logits = np.concatenate([engine.prefill(prompt), engine.decode_step(11)[None]])
+    with torch.no_grad():
+        expected = model(torch.tensor([[*prompt, 11]])).logits[0].numpy()
+    assert np.isfinite(logits).all()
+    # Random Gaussian weights are the worst case for 4 bits (~8 % error per weight); the kernel-level tests
+    # below check the arithmetic exactly, this checks the wiring end to end.
+    assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > (0.999 if precision == "int8" else 0.85)
+
+
+def _run(graph, feed: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]
+
+
+@pytest.mark.parametrize("projection,bits", [("q_proj", 4), ("down_proj", 8)])
+def test_block_quantized_matmul_reproduces_its_dequantized_weight(projection, bits):
+    """Packing, nibble planes and offsets checked against ONNX Runtime's own kernel."""
+    rng = np.random.default_rng(0)
+    k, n = 96, 40
+    weight = rng.normal(size=(k, n)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name=f"/model/layers.0/mlp/{projection}/MatMul")
+    graph = helper.make_model(
+        helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", "s", k])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", "s", n])],
+            [numpy_helper.from_array(weight, "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    record = quantize_graph(graph, "int4", tied=False)
+    assert record["matmuls"] == {f"int{bits}": 1}
+    q, scale, low = quantize_blocks(weight, bits, symmetric=False)
+    dequantized = (q * scale[..., None] + low[..., None]).reshape(n, k).T
+    assert np.abs(dequantized - weight).max() <= scale.max() / 2 + 1e-6
+    x = rng.normal(size=(2, 3, k)).astype(np.float32)
+    np.testing.assert_allclose(_run(graph, {"x": x}), x @ dequantized, atol=1e-4)
+
+
+def test_four_bit_blocks_are_exact_for_weights_on_a_q4_1_grid():
+    """A GGUF Q4_1 block is d * q + m with q in 0..15: min/max blocks of 32 recover it exactly."""
+    rng = np.random.default_rng(1)
+    k, n = 64, 8
+    q = rng.integers(0, 16, size=(n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15  # the Q4_1 quantizer maps each block's min to 0 and its max to 15
+    d, m = rng.uniform(0.01, 0.1, size=(n, k // 32, 1)), rng.normal(size=(n, k // 32, 1))
+    weight = (q * d + m).reshape(n, k).T.astype(np.float32)
+    packed, scales, offsets, planes = nibble_planes(weight, 4)
+    nibbles = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, k // 32, 32)
+    rebuilt = ((nibbles - 8.0) * scales[..., None]).reshape(n, k).T + np.repeat(offsets, 32, axis=0)
+    assert planes == 1 and np.abs(rebuilt - weight).max() < 1e-6
+
+
+def test_tied_table_is_shared_and_its_top_logits_are_exact():
+    rng = np.random.default_rng(2)
+    vocab, hidden = 300, 64
+    table = rng.normal(size=(vocab, hidden)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h"], name="/model/embed_tokens/Gather"),
+        helper.make_node("Transpose", ["E"], ["E_t"], name="TiedLmHeadTranspose"),
+        helper.make_node("MatMul", ["h", "E_t"], ["logits"], name="/lm_head/MatMul"),
+    ]
+    graph = helper.make_model(
+        helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["b", "s"])],
+            [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", "s", vocab])],
+            [numpy_helper.from_array(table, "E")],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    quantize_graph(graph, "int8", tied=True)
+    assert [i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.UINT8] == ["E_Q8"]
+    q, scale, _ = quantize_blocks(table.T, 8, symmetric=True)
+    dequantized = ((q - 128.0) * scale[..., None]).reshape(vocab, hidden)
+    ids = rng.integers(0, vocab, size=(2, 5))
+    logits, expected = _run(graph, {"ids": ids}), dequantized[ids] @ dequantized.T
+    top = np.argsort(-expected, axis=-1)[..., : onnx_export.REFINE_TOP_K // 2]
+    np.testing.assert_allclose(np.take_along_axis(logits, top, -1), np.take_along_axis(expected, top, -1), atol=1e-4)
+    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_fp16_export_keeps_float32_io_and_loads_on_cpu(aligned_checkpoint, tmp_path):
+    ckpt, model = aligned_checkpoint
+    export_onnx(ckpt, tmp_path / "fp16", "fp16", progress=False, agreement_windows_count=0)
+    graph = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
+    session = OnnxSession(create_session(tmp_path / "fp16" / "model.onnx", EngineSettings()))
+    logits, _ = session.run(np.array([[5, 9, 17]]), session.empty_cache())
+    with torch.no_grad():
+        expected = model(torch.tensor([[5, 9, 17]])).logits.numpy()
+    assert logits.dtype == np.float32 and np.abs(logits - expected).max() < 0.05 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_graphs_past_the_protobuf_limit_keep_their_weights_in_one_external_file(
+    aligned_checkpoint, tmp_path, monkeypatch, precision
+):
+    """Models above ~2 GB go through onnx's external data; forced here on a tiny one by a zero threshold."""
+    ckpt, model = aligned_checkpoint
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    report = export_onnx(ckpt, tmp_path / "big", precision, progress=False, agreement_windows_count=0)
+    assert {"model.onnx", "model.onnx_data"} <= set(report["files"])
+    graph = onnx.load(str(tmp_path / "big" / "model.onnx"), load_external_data=False)
+    weights = [i for i in graph.graph.initializer if math.prod(i.dims) >= 1024]
+    assert weights and all(i.data_location == onnx.TensorProto.EXTERNAL for i in weights)
+    engine = load_engine("onnx", str(tmp_path / "big"))
+    with torch.no_grad():
+        expected = model(torch.tensor([[5, 9, 17]])).logits[0].numpy()
+    tolerance = 1e-3 if precision == "fp32" else 0.5 * np.abs(expected).max()
+    assert np.abs(engine.prefill([5, 9, 17]) - expected).max() <= tolerance
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_bad_input_is_one_clear_error_and_leaves_nothing(aligned_checkpoint, tmp_path, monkeypatch):
+    ckpt, _ = aligned_checkpoint
+    with pytest.raises(SaapError, match="unknown ONNX precision 'int3'"):
+        export_onnx(ckpt, tmp_path / "a", "int3", progress=False)
+    with pytest.raises(SaapError, match="parent directory"):
+        export_onnx(ckpt, tmp_path / "missing" / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SaapError, match="not a model directory"):
+        export_onnx(tmp_path / "empty", tmp_path / "b", progress=False)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SaapError, match="neither a model directory nor a .gguf"):
+        export_onnx(tmp_path / "notes.txt", tmp_path / "c", progress=False)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(SaapError, match="already exists"):
+        export_onnx(ckpt, tmp_path / "taken", progress=False)
+    assert os.listdir(tmp_path / "taken") == ["keep.txt"]
+
+    def broken_trace(model, path):
+        raise RuntimeError("tracer crashed")
+
+    monkeypatch.setattr(onnx_export, "_trace", broken_trace)
+    with pytest.raises(RuntimeError, match="tracer crashed"):
+        export_onnx(ckpt, tmp_path / "d", progress=False)
+    for name in "abcd":
+        assert not (tmp_path / name).exists() and _leftovers(tmp_path, name) == []
+    assert set(ONNX_PRECISIONS) == {"fp32", "fp16", "int8", "int4"}
+
+
+def test_overwrite_replaces_an_existing_export(aligned_checkpoint, tmp_path):
+    ckpt, _ = aligned_checkpoint
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    export_onnx(ckpt, tmp_path / "out", overwrite=True, progress=False)
+    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "model.onnx").is_file()
+    assert _leftovers(tmp_path, "out") == []
+
+
+# --- the real model ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real-onnx")
+    # 8 calibration windows instead of 32: the same kind of per-layer pruned model, a quarter of the CPU time.
+    args = ["prune", "--model", "smollm2-135m", "--ratio", "0.2", "--num-samples", "8"]
+    args += ["--out", str(root / "smol-p20"), "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=PROJECT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reports = {p: export_onnx(root / "smol-p20", root / p, p, progress=False) for p in ("fp32", "int4")}
+    return root, reports
+
+
+@pytest.mark.real_model
+def test_real_fp32_export_greedy_decodes_like_torch(real_exports):
+    root, reports = real_exports
+    torch_engine = load_engine("torch", str(root / "smol-p20"))
+    onnx_engine = load_engine("onnx", str(root / "fp32"))
+    for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]:
+        expected = torch_engine.generate(prompt, 32, stop_at_eos=False)
+        assert onnx_engine.generate(prompt, 32, stop_at_eos=False) == expected, prompt
+    assert reports["fp32"]["checks"]["fp32_max_abs_logit_diff_vs_torch"] <= 1e-3
+
+
+@pytest.mark.real_model
+def test_real_fp32_perplexity_within_1_percent_and_int4_agrees(real_exports):
+    root, reports = real_exports
+    torch_engine = load_engine("torch", str(root / "smol-p20"))
+    windows, _ = onnx_export.agreement_windows(torch_engine.tokenizer, 16, 128)
+    graph = OnnxSession(create_session(root / "fp32" / "model.onnx", EngineSettings()))
+    nll = {"torch": 0.0, "onnx": 0.0}
+    for window, logits in zip(windows, onnx_export.window_logits(graph, windows), strict=True):
+        with torch.no_grad():
+            reference = torch_engine.model(torch.tensor(window[None])).logits[0].numpy()
+        for name, values in (("torch", reference), ("onnx", logits)):
+            shifted = values[:-1].astype(np.float64) - values[:-1].max(-1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            nll[name] -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
+    ppl = {name: math.exp(value / (len(windows) * 127)) for name, value in nll.items()}
+    print(f"perplexity over 16 windows: torch {ppl['torch']:.4f}, onnx fp32 {ppl['onnx']:.4f}")
+    assert abs(ppl["onnx"] / ppl["torch"] - 1) <= 0.01
+    assert reports["int4"]["checks"]["agreement"]["top1_vs_fp32"] >= 0.95
