@@ -88,3 +88,23 @@ def test_corrupt_checkpoint_is_refused_from_the_command_line(hf_dir, text_file, 
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("saap: error: checkpoint")
+
+
+def test_export_onnx_then_generate_with_the_onnx_engine(capsys, hf_dir, tmp_path):
+    out = tmp_path / "onnx"
+    code, stdout, err = run(capsys, "export", "onnx", "--model", str(hf_dir), "--out", str(out), "--quiet")
+    assert code == 0 and "exported" in stdout, err
+    code, torch_out, err = run(
+        capsys, "generate", "--model", str(hf_dir), "--prompt", "The quick", "--max-new-tokens", "6"
+    )
+    assert code == 0, err
+    code, onnx_out, err = run(
+        capsys, "generate", "--engine", "onnx", "--model", str(out), "--prompt", "The quick", "--max-new-tokens", "6"
+    )
+    assert code == 0 and onnx_out == torch_out, err
+    code, _, err = run(
+        capsys, "export", "onnx", "--model", str(hf_dir), "--out", str(tmp_path / "x"), "--precision", "int3"
+    )
+    assert_one_line_error(code, err, "unknown ONNX precision")
+    code, _, err = run(capsys, "export", "onnx", "--model", str(hf_dir), "--out", str(out))
+    assert_one_line_error(code, err, "exists")
