@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import math
 import os
 import tempfile
@@ -245,10 +246,7 @@ def _spm_adds_prefix(spec: dict) -> bool:
     return False
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int) -> dict[str, Any]:
-    """Write the tokenizer of ``tokenizer`` (a Hugging Face fast tokenizer) into ``writer``."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise SaapError("the GGUF export needs a fast (tokenizer.json) Hugging Face tokenizer")
+def _convert_vocab(writer, tokenizer, vocab_size: int):
     with tempfile.TemporaryDirectory(prefix="saap-tok-") as tmp:
         tok_dir = Path(tmp)
         tokenizer.save_pretrained(tok_dir)  # gguf-py's helpers read tokenizer.json / tokenizer_config.json
@@ -256,11 +254,25 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> dict[str, Any]:
         model = spec.get("model", {})
         # Byte-level first: transformers' GGUF loader marks GPT-2-style vocabularies byte_fallback too.
         if model.get("type") == "BPE" and '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")):
-            special, kind = _add_bpe_vocab(writer, tokenizer, tok_dir, vocab_size), "gpt2"
-        elif model.get("type") == "BPE" and model.get("byte_fallback"):
-            special, kind = _add_spm_vocab(writer, tokenizer, tok_dir, spec, vocab_size), "llama"
-        else:
-            raise SaapError(f"tokenizer model '{model.get('type')}' cannot be exported to GGUF (BPE is supported)")
+            return _add_bpe_vocab(writer, tokenizer, tok_dir, vocab_size), "gpt2"
+        if model.get("type") == "BPE" and model.get("byte_fallback"):
+            return _add_spm_vocab(writer, tokenizer, tok_dir, spec, vocab_size), "llama"
+        raise SaapError(f"tokenizer model '{model.get('type')}' cannot be exported to GGUF (BPE is supported)")
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int) -> dict[str, Any]:
+    """Write the tokenizer of ``tokenizer`` (a Hugging Face fast tokenizer) into ``writer``."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise SaapError("the GGUF export needs a fast (tokenizer.json) Hugging Face tokenizer")
+    # gguf-py's SpecialVocab warns about post-processor shapes it only half parses; the ids and flags
+    # it would get wrong are set from the tokenizer object below.
+    vocab_log = logging.getLogger("gguf.vocab")
+    level = vocab_log.level
+    vocab_log.setLevel(logging.ERROR)
+    try:
+        special, kind = _convert_vocab(writer, tokenizer, vocab_size)
+    finally:
+        vocab_log.setLevel(level)
     # The tokenizer object is the authority on special ids and on what it adds around a text.
     for role in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{role}_token_id", None)
@@ -466,8 +478,8 @@ class _quiet_llama:
 
         self.logger = logging.getLogger("llama-cpp-python")
         self.level = self.logger.level
-        if self.quiet:
-            self.logger.setLevel(logging.ERROR)
+        if self.quiet:  # above CRITICAL: llama-cpp-python maps llama.cpp's warnings to ERROR
+            self.logger.setLevel(logging.CRITICAL + 1)
         return self
 
     def __exit__(self, *exc):

@@ -7,6 +7,9 @@ every evaluated position, which ``prefill`` returns and perplexity needs.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,18 +55,29 @@ class GgufEngine(Engine):
                 "this llama-cpp-python was built without GPU offload (n_gpu_layers must be 0); reinstall it with "
                 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
             )
+        # llama-cpp-python routes llama.cpp's log through Python's stderr; with verbose=False it discards
+        # the load log, and with it the reason a load failed. So load verbosely into a buffer, keep the
+        # error lines for the message, and silence the log afterwards.
+        log = io.StringIO()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(model_path),
-                n_ctx=settings.n_ctx,
-                n_threads=settings.threads,
-                n_gpu_layers=settings.n_gpu_layers,
-                logits_all=True,
-                verbose=False,
-            )
+            with contextlib.redirect_stderr(log):
+                self.llm = llama_cpp.Llama(
+                    model_path=str(model_path),
+                    n_ctx=settings.n_ctx,
+                    n_threads=settings.threads,
+                    n_gpu_layers=settings.n_gpu_layers,
+                    logits_all=True,
+                    verbose=True,
+                )
         except (ValueError, RuntimeError) as e:
-            raise SaapError(f"llama.cpp could not load '{model_path}': {e}") from None
-        self.n_ctx = self.llm.n_ctx()
+            reason = [line.strip() for line in log.getvalue().splitlines() if "error" in line.lower()]
+            raise SaapError(f"llama.cpp could not load '{model_path}': {reason[-1] if reason else e}") from None
+        finally:
+            # above CRITICAL: this llama-cpp-python maps llama.cpp's warnings to ERROR
+            logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
+        self.llm.verbose = False
+        # llama.cpp may round the context up; llama-cpp-python's buffers keep the size asked for.
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids), len(self.llm.scores))
         vocab = self.llm._model.vocab
         eot = llama_cpp.llama_vocab_eot(vocab)
         self.eos_token_ids = {t for t in (self.llm.token_eos(), eot) if t is not None and t >= 0}
