@@ -177,6 +177,55 @@ def test_removed_attention_and_mlp_layers(tokenizer, tmp_path):
     assert engine.generate(ids[:6], 12, stop_at_eos=False) == greedy[0, 6:].tolist()
 
 
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+}
+
+
+@pytest.mark.parametrize("scaling", list(ROPE_SCALINGS))
+def test_rope_scaling_and_biases_are_carried(tokenizer, tmp_path, scaling):
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    base = make_model(heads=4, kv_heads=2)
+    config = copy.deepcopy(base.config)
+    config.rope_scaling = ROPE_SCALINGS[scaling]
+    config.attention_bias = config.mlp_bias = scaling == "llama3"  # biases ride along on one of the two
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith(".bias"):
+                p.normal_(0, 0.2)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    report = write_gguf(config, model.state_dict(), tokenizer, tmp_path / "m.gguf", "f32", progress=False)
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert ("rope_freqs.weight" in names) == (scaling == "llama3")
+    assert ("blk.0.attn_q.bias" in names) == (scaling == "llama3") == ("blk.0.ffn_down.bias" in names)
+    assert report["architecture"] == "llama"
+    ids = prompt_ids(tokenizer, 40)  # past the 32 "original" positions
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    exact = float(np.abs(f32_kv_logits(tmp_path / "m.gguf", ids) - expected).max())
+    print(f"rope {scaling}: max |logit diff| {exact:.2e} (logits up to {np.abs(expected).max():.1f})")
+    assert exact < EXACT
+
+
+def test_unsupported_rope_scaling_is_refused(tokenizer, tmp_path):
+    model = make_model()
+    model.config.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
+    with pytest.raises(SaapError, match="RoPE scaling 'dynamic' is not supported"):
+        write_gguf(model.config, model.state_dict(), tokenizer, tmp_path / "m.gguf", "f32", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tokenization_matches_the_hf_tokenizer(checkpoints, tokenizer, tmp_path):
     export_gguf(checkpoints / "dense-mha", tmp_path / "m.gguf", "f16", progress=False)
     engine = load_engine("gguf", str(tmp_path / "m.gguf"), SETTINGS)
@@ -288,14 +337,29 @@ def test_overwrite_replaces_an_existing_file(checkpoints, tmp_path):
 # ------------------------------------------------------------------------------------ real model
 
 REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
-REAL_SETTINGS = EngineSettings(threads=2, n_ctx=256)
+# One thread for both engines: on a busy (shared) 2-core CI machine a second thread made torch 4x
+# and llama.cpp (spin-waiting OpenMP workers) up to 10x slower.
+REAL_SETTINGS = EngineSettings(threads=1, n_ctx=256)
+TORCH_SETTINGS = REAL_SETTINGS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    threads = torch.get_num_threads()  # the torch engine sets the process-wide thread count
+    yield
+    torch.set_num_threads(threads)
+
+
 PPL_WINDOWS, PPL_SEQ_LEN = 16, 128
 
 
 @pytest.fixture(scope="module")
 def real_pruned(tmp_path_factory):
     out = tmp_path_factory.mktemp("real-gguf") / "smol-p20"
+    # The default Taylor importance on a small calibration sample (seconds instead of minutes): the
+    # per-layer shapes are those of a default 0.2 prune, which is what the export is about.
     cmd = [sys.executable, "-m", "pipeline.cli", "prune", "--model", "smollm2-135m", "--ratio", "0.2"]
+    cmd += ["--num-samples", "4", "--seq-len", "64"]
     proc = subprocess.run([*cmd, "--out", str(out), "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
@@ -303,7 +367,7 @@ def real_pruned(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_torch(real_pruned):
-    return load_engine("torch", str(real_pruned), REAL_SETTINGS)
+    return load_engine("torch", str(real_pruned), TORCH_SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +441,8 @@ def test_real_perplexity_parity_and_quantized_variants(real_pruned, real_torch, 
     f16 = engine_perplexity(load_engine("gguf", str(real_f16[0]), REAL_SETTINGS), ppl_windows)
     print(f"wikitext2 ppl, {PPL_WINDOWS}x{PPL_SEQ_LEN}: torch {reference['perplexity']:.3f}, gguf f16 {f16:.3f}")
     assert abs(f16 / reference["perplexity"] - 1) < 0.01
-    for quant, tolerance in [("q8_0", 0.02), ("q4_k_m", 0.25)]:
+    # Measured: q8_0 +1.5 %, q4_k_m +2.9 % (llama.cpp also rounds activations to 8 bits in these matmuls).
+    for quant, tolerance in [("q8_0", 0.05), ("q4_k_m", 0.15)]:
         report = export_gguf(real_pruned, real_pruned.parent / f"smol-p20-{quant}.gguf", quant, progress=False)
         ppl = engine_perplexity(load_engine("gguf", report["out"], REAL_SETTINGS), ppl_windows)
         print(
@@ -394,7 +459,7 @@ def test_real_perplexity_parity_and_quantized_variants(real_pruned, real_torch, 
 def test_real_dense_model_exports_as_llama(tmp_path):
     report = export_gguf("smollm2-135m", tmp_path / "dense.gguf", "f16", progress=False)
     assert report["architecture"] == "llama"
-    torch_engine = load_engine("torch", "smollm2-135m", REAL_SETTINGS)
+    torch_engine = load_engine("torch", "smollm2-135m", TORCH_SETTINGS)
     engine = load_engine("gguf", report["out"], REAL_SETTINGS)
     ids = torch_engine.tokenize(REAL_PROMPTS[0])
     assert engine.generate(ids, 32, stop_at_eos=False) == torch_engine.generate(ids, 32, stop_at_eos=False)
