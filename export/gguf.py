@@ -330,11 +330,12 @@ def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerSh
         p = f"model.layers.{i}."
         q_width, kv_width = out.num_attention_heads * hd, out.num_key_value_heads * hd
         if out.num_attention_heads:
-            yield names[T.ATTN_NORM].format(bid=i) + ".weight", get(p + "input_layernorm.weight", (hidden,))
-            if shape.num_attention_heads == 0:  # placeholder: zero attention adds nothing
-                q = k = v = np.zeros((hd, hidden), np.float32)
+            if shape.num_attention_heads == 0:  # placeholder: zero attention adds nothing, whatever its norm
+                norm, q = np.ones(hidden, np.float32), np.zeros((hd, hidden), np.float32)
+                k = v = q
                 o, biases = np.zeros((hidden, hd), np.float32), {}
             else:
+                norm = get(p + "input_layernorm.weight", (hidden,))
                 q = permute_rope(get(p + "self_attn.q_proj.weight", (q_width, hidden)), hd)
                 k = permute_rope(get(p + "self_attn.k_proj.weight", (kv_width, hidden)), hd)
                 v = get(p + "self_attn.v_proj.weight", (kv_width, hidden))
@@ -348,6 +349,7 @@ def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerSh
                 for kind in (T.ATTN_Q, T.ATTN_K):
                     if biases[kind] is not None:
                         biases[kind] = permute_rope(biases[kind], hd)
+            yield names[T.ATTN_NORM].format(bid=i) + ".weight", norm
             yield names[T.ATTN_Q].format(bid=i) + ".weight", q
             yield names[T.ATTN_K].format(bid=i) + ".weight", k
             yield names[T.ATTN_V].format(bid=i) + ".weight", v
@@ -357,11 +359,12 @@ def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerSh
                     yield names[kind].format(bid=i) + ".bias", bias
         ff = out.intermediate_size
         if ff:
-            yield names[T.FFN_NORM].format(bid=i) + ".weight", get(p + "post_attention_layernorm.weight", (hidden,))
-            if shape.intermediate_size == 0:  # placeholder: zero MLP adds nothing
-                gate = up = np.zeros((ff, hidden), np.float32)
+            if shape.intermediate_size == 0:  # placeholder: zero MLP adds nothing, whatever its norm
+                norm, gate = np.ones(hidden, np.float32), np.zeros((ff, hidden), np.float32)
+                up = gate
                 down, biases = np.zeros((hidden, ff), np.float32), {}
             else:
+                norm = get(p + "post_attention_layernorm.weight", (hidden,))
                 gate = get(p + "mlp.gate_proj.weight", (ff, hidden))
                 up = get(p + "mlp.up_proj.weight", (ff, hidden))
                 down = get(p + "mlp.down_proj.weight", (hidden, ff))
@@ -370,6 +373,7 @@ def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerSh
                     T.FFN_UP: optional(p + "mlp.up_proj.bias", (ff,)),
                     T.FFN_DOWN: optional(p + "mlp.down_proj.bias", (hidden,)),
                 }
+            yield names[T.FFN_NORM].format(bid=i) + ".weight", norm
             yield names[T.FFN_GATE].format(bid=i) + ".weight", gate
             yield names[T.FFN_UP].format(bid=i) + ".weight", up
             yield names[T.FFN_DOWN].format(bid=i) + ".weight", down
@@ -474,8 +478,6 @@ class _quiet_llama:
         self.quiet = quiet
 
     def __enter__(self):
-        import logging
-
         self.logger = logging.getLogger("llama-cpp-python")
         self.level = self.logger.level
         if self.quiet:  # above CRITICAL: llama-cpp-python maps llama.cpp's warnings to ERROR
