@@ -33,12 +33,13 @@ from runtime.errors import SaapError
 from runtime.surgery import LayerShape, head_dim, layer_shapes
 
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
-# quant -> (llama_cpp LLAMA_FTYPE_* constant, the ggml type whose block size decides a fallback)
+# quant -> (llama_cpp LLAMA_FTYPE_* constant, the types its mix gives a matrix whose rows fit: the
+# nominal type first; llama.cpp gives some tensors (output, attn_v, some ffn_down) Q6_K / Q5_K)
 LLAMA_QUANTS = {
-    "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0"),
-    "q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_0"),
-    "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K"),
-    "q5_k_m": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q5_K"),
+    "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", ("Q8_0",)),
+    "q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", ("Q4_0", "Q6_K")),
+    "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", ("Q4_K", "Q5_K", "Q6_K")),
+    "q5_k_m": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", ("Q5_K", "Q6_K")),
 }
 # Width of the all-zero MLP written where llama.cpp cannot express "no MLP" (see _written_shapes);
 # 32 is the smallest width every 32-block quant type accepts.
@@ -489,10 +490,11 @@ class _quiet_llama:
 
 
 def quant_fallbacks(path: str | Path, quant: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Tensors that got a larger type than ``quant`` because their rows do not fit its blocks.
+    """Matrices that got another (larger) type than ``quant``'s mix because their rows do not fit.
 
     llama.cpp quantizes a row in blocks (32 values for Q8_0/Q4_0, 256 for K-quants); a matrix whose
-    row length (ne[0]) is not a multiple falls back to a 32-block or float type. 1-D tensors (norms)
+    row length (ne[0]) is not a multiple falls back to a 32-block type (Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0) or to F16. Any matrix whose type is outside the mix is listed; 1-D tensors (norms)
     are always float32 and are not counted. Also returns the count of tensors per type.
     """
     import gguf
@@ -501,14 +503,13 @@ def quant_fallbacks(path: str | Path, quant: str) -> tuple[list[dict[str, Any]],
     types = Counter(t.tensor_type.name for t in reader.tensors)
     if quant not in LLAMA_QUANTS:
         return [], dict(types)
-    target = gguf.GGMLQuantizationType[LLAMA_QUANTS[quant][1]]
-    block = gguf.GGML_QUANT_SIZES[target][0]
+    mix = LLAMA_QUANTS[quant][1]
     fallbacks = []
     for t in reader.tensors:
         ne = [int(n) for n in t.shape]
-        if len([n for n in ne if n > 1]) < 2 or ne[0] % block == 0:
+        if len([n for n in ne if n > 1]) < 2 or t.tensor_type.name in mix:
             continue
-        fallbacks.append({"tensor": t.name, "row_length": ne[0], "type": t.tensor_type.name, "requested": target.name})
+        fallbacks.append({"tensor": t.name, "row_length": ne[0], "type": t.tensor_type.name, "requested": mix[0]})
     return fallbacks, dict(types)
 
 
