@@ -163,6 +163,8 @@ def _add_bpe_vocab(writer, tokenizer, tok_dir: Path, vocab_size: int):
             "differently from the Hugging Face tokenizer, so the GGUF export refuses it"
         )
     reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(reverse) >= vocab_size:
+        raise SaapError(f"the tokenizer has token id {max(reverse)} but the model's vocab_size is {vocab_size}")
     added = tokenizer.get_added_vocab()
     tokens, types = [], []
     for i in range(vocab_size):
@@ -196,7 +198,11 @@ def _plain_byte_level(tok_dir: Path) -> str | None:
     """A bare ByteLevel pre-tokenizer with its default regex is llama.cpp's 'gpt-2' pre-tokenizer."""
     spec = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
     pre, normalizer = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
-    if normalizer is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+    if (
+        normalizer in (None, {"type": "Sequence", "normalizers": []})
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+    ):
         if not pre.get("add_prefix_space", False):
             return "gpt-2"
     return None
