@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime.errors import SaapError
 
-ENGINES = ("torch", "onnx")
+ENGINES = ("torch", "onnx", "gguf")
 
 
 @dataclass

@@ -1,0 +1,111 @@
+"""The llama.cpp engine: a .gguf file through llama-cpp-python, behind the common Engine interface.
+
+Tokenization is llama.cpp's own (it honours the file's add_bos flag and special tokens), so what
+runs here is what ``llama-cli -m file.gguf`` would run. ``logits_all=True`` keeps the logits of
+every evaluated position, which ``prefill`` returns and perplexity needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from runtime.engine import Engine, EngineSettings
+from runtime.errors import SaapError
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a missing, truncated or corrupt file before llama.cpp sees it (it may abort the process)."""
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise SaapError(f"GGUF file '{path}' does not exist")
+    try:
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            # gguf-py maps tensor data lazily: a truncated file shows up as data shorter than declared.
+            if tensor.data_offset + tensor.n_bytes > size or tensor.data.nbytes != tensor.n_bytes:
+                raise ValueError(f"tensor {tensor.name} extends past the end of the file ({size} bytes)")
+        if "general.architecture" not in reader.fields:
+            raise ValueError("no general.architecture key")
+    except SaapError:
+        raise
+    except Exception as e:  # gguf-py raises ValueError, struct errors, IndexError on damaged files
+        raise SaapError(f"'{path}' is not a valid GGUF file (truncated or corrupt?): {e}") from None
+
+
+class GgufEngine(Engine):
+    name = "gguf"
+
+    def __init__(self, path: str, settings: EngineSettings):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise SaapError("the gguf engine needs llama-cpp-python: pip install llama-cpp-python") from None
+        model_path = Path(path).expanduser()
+        check_gguf_file(model_path)
+        if settings.n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
+            raise SaapError(
+                "this llama-cpp-python was built without GPU offload (n_gpu_layers must be 0); reinstall it with "
+                'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+            )
+        # llama-cpp-python routes llama.cpp's log through Python's stderr; with verbose=False it discards
+        # the load log, and with it the reason a load failed. So load verbosely into a buffer, keep the
+        # error lines for the message, and silence the log afterwards.
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(log):
+                self.llm = llama_cpp.Llama(
+                    model_path=str(model_path),
+                    n_ctx=settings.n_ctx,
+                    n_threads=settings.threads,
+                    n_gpu_layers=settings.n_gpu_layers,
+                    logits_all=True,
+                    verbose=True,
+                )
+        except (ValueError, RuntimeError) as e:
+            reason = [line.strip() for line in log.getvalue().splitlines() if "error" in line.lower()]
+            raise SaapError(f"llama.cpp could not load '{model_path}': {reason[-1] if reason else e}") from None
+        finally:
+            # above CRITICAL: this llama-cpp-python maps llama.cpp's warnings to ERROR
+            logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
+        self.llm.verbose = False
+        # llama.cpp may round the context up; llama-cpp-python's buffers keep the size asked for.
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids), len(self.llm.scores))
+        vocab = self.llm._model.vocab
+        eot = llama_cpp.llama_vocab_eot(vocab)
+        self.eos_token_ids = {t for t in (self.llm.token_eos(), eot) if t is not None and t >= 0}
+
+    def tokenize(self, text: str) -> list[int]:
+        # add_bos=True means "add what the file's add_bos/add_eos flags ask for"; special=True parses
+        # "<|im_start|>" and friends as the Hugging Face tokenizer does.
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.llm.detokenize(list(ids), special=False).decode("utf-8", errors="replace")
+
+    def _eval(self, ids: Sequence[int]) -> np.ndarray:
+        ids = [int(t) for t in ids]
+        start = self.llm.n_tokens
+        if start + len(ids) > self.n_ctx:
+            raise SaapError(f"sequence of {start + len(ids)} tokens exceeds the context size n_ctx={self.n_ctx}")
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[start : start + len(ids)], dtype=np.float32)
+
+    def prefill(self, input_ids: Sequence[int]) -> np.ndarray:
+        if len(input_ids) == 0:
+            raise SaapError("prefill needs at least one token")
+        self.llm.reset()
+        return self._eval(input_ids)
+
+    def decode_step(self, token_id: int) -> np.ndarray:
+        return self._eval([token_id])[-1]
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+
+from export.gguf import export_gguf
+from runtime.checkpoint import save_checkpoint
+from runtime.engine import ENGINES, EngineSettings, load_engine
+from runtime.errors import SaapError
+from runtime.gguf_engine import GgufEngine
+from tests.conftest import make_model
+from tests.runtime.test_surgery import slice_groups
+
+SETTINGS = EngineSettings(threads=1, n_ctx=64)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("engine")
+    pruned = slice_groups(make_model(heads=6, kv_heads=2), {0: [1]}, {2: list(range(32))})
+    save_checkpoint(pruned, tokenizer, root / "ckpt", {})
+    export_gguf(root / "ckpt", root / "m.gguf", "f32", progress=False)
+    return root / "m.gguf"
+
+
+def test_gguf_is_a_registered_engine(gguf_file):
+    assert "gguf" in ENGINES
+    engine = load_engine("gguf", str(gguf_file), SETTINGS)
+    assert isinstance(engine, GgufEngine) and engine.name == "gguf"
+    assert engine.eos_token_ids == {2}
+
+
+def test_decode_steps_continue_the_prefilled_sequence(gguf_file):
+    engine = load_engine("gguf", str(gguf_file), SETTINGS)
+    ids = [5, 9, 17, 33, 2, 40]
+    full = engine.prefill(ids)
+    assert full.shape == (6, 300) and full.dtype == np.float32
+    np.testing.assert_allclose(engine.prefill(ids[:4]), full[:4], atol=1e-4)
+    np.testing.assert_allclose(engine.decode_step(ids[4]), full[4], atol=1e-3)
+    np.testing.assert_allclose(engine.decode_step(ids[5]), full[5], atol=1e-3)
+    # a new prefill starts a new sequence (the cache is reset)
+    np.testing.assert_allclose(engine.prefill(ids), full, atol=1e-4)
+
+
+def test_generate_and_detokenize(gguf_file, tokenizer):
+    engine = load_engine("gguf", str(gguf_file), SETTINGS)
+    prompt = "The quick brown fox"
+    assert engine.tokenize(prompt) == tokenizer(prompt)["input_ids"]
+    assert engine.detokenize(engine.tokenize(prompt)) == prompt
+    greedy = engine.generate(prompt, 8, stop_at_eos=False)
+    assert len(greedy) == 8 and greedy == engine.generate(prompt, 8, stop_at_eos=False)
+    sampled = engine.generate(prompt, 8, temperature=1.0, seed=3, stop_at_eos=False)
+    assert sampled == engine.generate(prompt, 8, temperature=1.0, seed=3, stop_at_eos=False)
+
+
+def test_context_overflow_is_a_clear_error(gguf_file):
+    engine = load_engine("gguf", str(gguf_file), EngineSettings(threads=1, n_ctx=16))
+    with pytest.raises(SaapError, match="exceeds the context size"):
+        engine.prefill(list(range(3, 23)))
+
+
+def test_truncated_or_missing_files_are_refused(gguf_file, tmp_path):
+    data = gguf_file.read_bytes()
+    for name, content in [("truncated.gguf", data[: len(data) // 2]), ("header.gguf", data[:100]), ("junk.gguf", b"x")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SaapError, match="not a valid GGUF file"):
+            load_engine("gguf", str(tmp_path / name), SETTINGS)
+    with pytest.raises(SaapError, match="does not exist"):
+        load_engine("gguf", str(tmp_path / "missing.gguf"), SETTINGS)
+
+
+def test_a_file_llama_cpp_rejects_gives_its_reason(gguf_file, tmp_path):
+    import gguf
+
+    # Same file without one tensor: gguf-py reads it, llama.cpp refuses to load it.
+    reader = gguf.GGUFReader(gguf_file)
+    writer = gguf.GGUFWriter(tmp_path / "missing-tensor.gguf", "deci")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    for t in reader.tensors:
+        if t.name != "blk.1.ffn_up.weight":
+            writer.add_tensor(t.name, t.data, raw_shape=[int(n) for n in reversed(t.shape)], raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SaapError, match="blk.1.ffn_up.weight"):
+        load_engine("gguf", str(tmp_path / "missing-tensor.gguf"), SETTINGS)
+
+
+def test_gpu_layers_without_gpu_support_are_refused(gguf_file):
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python can offload to a GPU")
+    with pytest.raises(SaapError, match="built without GPU offload"):
+        load_engine("gguf", str(gguf_file), EngineSettings(n_gpu_layers=-1))
