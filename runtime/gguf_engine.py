@@ -65,6 +65,7 @@ class GgufEngine(Engine):
                     model_path=str(model_path),
                     n_ctx=settings.n_ctx,
                     n_threads=settings.threads,
+                    n_threads_batch=settings.threads,  # prefill; llama-cpp-python's default is every core
                     n_gpu_layers=settings.n_gpu_layers,
                     logits_all=True,
                     verbose=True,
