@@ -65,6 +65,7 @@ class GgufEngine(Engine):
                     model_path=str(model_path),
                     n_ctx=settings.n_ctx,
                     n_threads=settings.threads,
+                    n_threads_batch=settings.threads,  # prefill; llama-cpp-python's default is every core
                     n_gpu_layers=settings.n_gpu_layers,
                     logits_all=True,
                     verbose=True,
@@ -78,6 +79,8 @@ class GgufEngine(Engine):
         self.llm.verbose = False
         # llama.cpp may round the context up; llama-cpp-python's buffers keep the size asked for.
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids), len(self.llm.scores))
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        self.tokenizer = GgufChatTemplate(self, template) if template else None
         vocab = self.llm._model.vocab
         eot = llama_cpp.llama_vocab_eot(vocab)
         self.eos_token_ids = {t for t in (self.llm.token_eos(), eot) if t is not None and t >= 0}
@@ -109,3 +112,25 @@ class GgufEngine(Engine):
 
     def close(self) -> None:
         self.llm.close()
+
+
+class GgufChatTemplate:
+    """The file's chat template, with the part of a Hugging Face tokenizer's interface that
+    ``saap generate --chat`` uses (``chat_template``, ``apply_chat_template``)."""
+
+    def __init__(self, engine: GgufEngine, template: str):
+        self.engine, self.chat_template = engine, template
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True
+    ) -> list[int] | str:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = self.engine.llm
+        bos, eos = (llm._model.token_get_text(t) if t >= 0 else "" for t in (llm.token_bos(), llm.token_eos()))
+        formatter = Jinja2ChatFormatter(self.chat_template, eos, bos, add_generation_prompt=add_generation_prompt)
+        text = formatter(messages=messages).prompt
+        if not tokenize:
+            return text
+        # As transformers: the template writes its own special tokens, none are added around it.
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)

@@ -424,7 +424,10 @@ def test_real_tokenization_matches_hf_and_the_original_gguf(real_torch, real_f16
 
     engine = load_engine("gguf", str(real_f16[0]), REAL_SETTINGS)
     original = llama_cpp.Llama(str(resolve_alias("smollm2-135m")), vocab_only=True, verbose=False)
-    chat = real_torch.tokenizer.apply_chat_template([{"role": "user", "content": "Hi 👋"}], tokenize=False)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋"}]
+    chat = real_torch.tokenizer.apply_chat_template(messages, tokenize=False)
+    expected = real_torch.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True) == expected
     for text in [*STRINGS, chat]:
         ids = engine.tokenize(text)
         assert ids == real_torch.tokenize(text), text

@@ -96,3 +96,33 @@ def test_gpu_layers_without_gpu_support_are_refused(gguf_file):
         pytest.skip("this llama-cpp-python can offload to a GPU")
     with pytest.raises(SaapError, match="built without GPU offload"):
         load_engine("gguf", str(gguf_file), EngineSettings(n_gpu_layers=-1))
+
+
+def test_chat_template_renders_like_the_hf_tokenizer(tokenizer, tmp_path):
+    import copy
+
+    from export.gguf import write_gguf
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = (
+        "{% for m in messages %}{{ bos_token }}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}{{ bos_token }}assistant:{% endif %}"
+    )
+    model = make_model()
+    write_gguf(model.config, model.state_dict(), chat, tmp_path / "chat.gguf", "f16", progress=False)
+    engine = load_engine("gguf", str(tmp_path / "chat.gguf"), SETTINGS)
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    expected = chat.apply_chat_template(messages, add_generation_prompt=True)
+    assert engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True) == expected
+    assert engine.tokenizer.apply_chat_template(messages, tokenize=False) == chat.apply_chat_template(
+        messages, tokenize=False
+    )
+    assert load_engine("gguf", str(gguf_file_without_template(tmp_path, tokenizer)), SETTINGS).tokenizer is None
+
+
+def gguf_file_without_template(tmp_path, tokenizer):
+    from export.gguf import write_gguf
+
+    model = make_model()
+    write_gguf(model.config, model.state_dict(), tokenizer, tmp_path / "plain.gguf", "f16", progress=False)
+    return tmp_path / "plain.gguf"
