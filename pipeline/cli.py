@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from runtime.errors import SaapError
@@ -164,6 +165,23 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {args.model} -> {args.out} ({args.format}, {size:.1f} MiB, {report['seconds']:.0f}s)")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from pipeline.config import check_semantics, load_config
+    from pipeline.run import run_pipeline, summary_table
+
+    config = load_config(args.config)
+    check_semantics(config, args.config)  # every config error before any work starts
+    if args.check:
+        print(f"{args.config}: valid; run directory {config.run_dir}")
+        return
+    started = time.perf_counter()
+    rows = run_pipeline(config, Path(args.config), args.from_stage, args.until_stage, args.force)
+    print(summary_table(rows))
+    report = config.run_dir / "report.html"
+    where = f"; report: {report}" if report.is_file() and rows[-1]["stage"] == "report" else ""
+    print(f"run '{config.name}' finished in {time.perf_counter() - started:.0f}s -> {config.run_dir}{where}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.data import DEFAULT_CALIBRATION
     from pipeline.importance import ESTIMATORS
@@ -226,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_export)
+
+    from pipeline.run import STAGES
+
+    p = verbs.add_parser("run", help="the whole pipeline from a YAML config, resumable: prune → ... → report")
+    p.add_argument("config", help="a run config, e.g. configs/smollm2-135m.yaml")
+    p.add_argument("--from", dest="from_stage", choices=STAGES, help="rerun this stage and every later one")
+    p.add_argument("--until", dest="until_stage", choices=STAGES, help="stop after this stage")
+    p.add_argument("--force", action="append", default=[], choices=STAGES, help="rerun this stage (repeatable)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

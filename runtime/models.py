@@ -90,12 +90,16 @@ def _apply_gguf_tokenizer_settings(tokenizer: PreTrainedTokenizerBase, meta: dic
             setattr(tokenizer, flag, bool(value))
 
 
+def _gguf_cache(path: Path, sha: str) -> Path:
+    return cache_dir() / f"{path.stem}-{sha[:16]}"
+
+
 def load_gguf(path: Path, name: str) -> LoadedModel:
     if not path.is_file():
         raise SaapError(f"GGUF file '{path}' does not exist")
     sha = sha256_file(path)
     source = {"name": name, "format": "gguf", "path": str(path), "sha256": sha}
-    cached = cache_dir() / f"{path.stem}-{sha[:16]}"
+    cached = _gguf_cache(path, sha)
     if is_checkpoint(cached):
         model, tokenizer, metadata = load_checkpoint(cached)
         return LoadedModel(model, tokenizer, source, None)
@@ -172,3 +176,18 @@ def load_model(spec: str) -> LoadedModel:
         raise SaapError(
             f"'{spec}' is not a local path and could not be fetched from the Hugging Face Hub: {reason}"
         ) from None
+
+
+def load_model_config(spec: str):
+    """The config of what ``--model`` names, without loading its weights where that is possible
+    (``saap run`` checks budgets before any stage starts). A GGUF not yet cached is decoded once."""
+    path = resolve_alias(spec) if spec in ALIASES else Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        cached = _gguf_cache(path, sha256_file(path))
+        if is_checkpoint(cached):
+            return AutoConfig.from_pretrained(cached)
+    elif path.is_dir() and (path / "config.json").is_file():
+        config = AutoConfig.from_pretrained(path)
+        _check_architecture(config.model_type, f"'{spec}/config.json'")
+        return config
+    return load_model(spec).model.config

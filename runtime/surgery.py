@@ -114,6 +114,14 @@ def decode_parameter_count(config, shapes: list[LayerShape]) -> int:
     return layers + config.hidden_size + config.vocab_size * config.hidden_size + config.hidden_size
 
 
+def config_parameter_count(config) -> int:
+    """Unique parameters of the model ``config`` describes (per-layer shapes included, tied
+    embedding counted once): the same number as ``model_parameter_count`` without building it."""
+    layers = sum(layer_parameter_count(config, s) for s in layer_shapes(config))
+    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    return layers + embeddings + config.hidden_size  # + the final norm
+
+
 def model_parameter_count(model: nn.Module) -> int:
     """Unique parameters (a tied embedding counts once, as the papers count it)."""
     seen, total = set(), 0

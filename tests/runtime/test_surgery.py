@@ -6,6 +6,7 @@ import torch
 from runtime.surgery import (
     LayerShape,
     attention_group_index,
+    config_parameter_count,
     group_sums,
     head_dim,
     layer_parameter_count,
@@ -104,11 +105,15 @@ def test_slicing_makes_smaller_linears_and_counts_match():
         model.config, shapes[1]
     )
     assert model_parameter_count(sliced) == before - removed
+    assert config_parameter_count(sliced.config) == model_parameter_count(sliced)
 
 
 def test_tied_embedding_counts_once():
     tied, untied = make_model(tied=True), make_model(tied=False)
     assert model_parameter_count(untied) - model_parameter_count(tied) == 300 * 64
+    assert [config_parameter_count(m.config) for m in (tied, untied)] == [
+        model_parameter_count(m) for m in (tied, untied)
+    ]
 
 
 @pytest.mark.parametrize("block", ["attention", "mlp", "both"])

@@ -1,0 +1,371 @@
+"""The run report: ``report.md`` and a self-contained ``report.html`` (charts inlined as PNG data URIs).
+
+Built only from the stage directories of a run, so it can be rebuilt from any finished run:
+per-layer shapes before/after, quality against the dense model, generations, throughput, file sizes,
+and the commands that run each artifact in llama.cpp and ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+
+PROMPT = "The capital of France is"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def layers_chart(before: list[dict], after: list[dict]) -> bytes:
+    """Query heads, KV heads and MLP width of every layer, dense outline behind the pruned bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    index = list(range(len(before)))
+    fig, (heads, mlp) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    for ax, key, label in [(heads, "num_attention_heads", "query heads"), (mlp, "intermediate_size", "MLP width")]:
+        ax.bar(index, [b[key] for b in before], color="none", edgecolor="#999999", label="dense")
+        ax.bar(index, [a[key] for a in after], color="#3b75af", label="pruned")
+        ax.set_ylabel(label)
+    heads.plot(index, [a["num_key_value_heads"] for a in after], "o", color="#d9812b", label="pruned KV heads")
+    heads.legend(loc="upper right", fontsize=8, ncols=3)
+    mlp.set_xlabel("layer")
+    mlp.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def throughput_chart(rows: list[dict]) -> bytes | None:
+    """Decode tokens/s per engine and quantization, one bar per model."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = sorted({r["setup"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for m, model in enumerate(models):
+        values = [next((r["decode"] for r in rows if r["setup"] == c and r["model"] == model), 0) for c in configs]
+        ax.bar([i + m * width for i in range(len(configs))], values, width, label=model)
+    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(configs))], configs, rotation=20)
+    ax.set_ylabel("decode tokens/s")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def throughput_rows(bench: dict | None) -> list[dict]:
+    """Flatten ``saap bench``'s JSON into one row per (model, engine, quantization, prompt length)."""
+    rows = []
+    for r in (bench or {}).get("results", []):
+        decode = r.get("decode_tokens_per_s") or {}
+        prefill = r.get("prefill_tokens_per_s") or {}
+        rows.append(
+            {
+                "model": Path(str(r.get("model", "?"))).name,
+                "setup": f"{r.get('engine', '?')} {r.get('quantization') or ''}".strip(),
+                "prompt_tokens": r.get("prompt_tokens"),
+                "decode": decode.get("median") if isinstance(decode, dict) else decode,
+                "prefill": prefill.get("median") if isinstance(prefill, dict) else prefill,
+                "peak_rss_mb": r.get("peak_rss_mb"),
+            }
+        )
+    return rows
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def gather(run_dir: Path, records: dict[str, dict]) -> dict[str, Any]:
+    """Everything the report shows, read from the stage directories."""
+    source = _read_json(run_dir / "load" / "source.json") or {}
+    final_stage = "finetune" if "finetune" in records else "prune"
+    pruned = _read_json(run_dir / "prune" / "model" / "saap.json") or {}
+    finetuned = _read_json(run_dir / "finetune" / "model" / "saap.json") if "finetune" in records else None
+    artifacts = []
+    for stage in ("export-onnx", "export-gguf"):
+        directory = run_dir / stage
+        if stage in records:
+            for item in sorted(directory.iterdir()):
+                if item.name not in ("stage.json", "log.txt"):
+                    artifacts.append({"stage": stage, "path": item, "bytes": _size(item)})
+    return {
+        "source": source,
+        "pruned": pruned,
+        "finetuned": finetuned,
+        "final_model": run_dir / final_stage / "model",
+        "dense_eval": _read_json(run_dir / "eval" / "dense.json"),
+        "model_eval": _read_json(run_dir / "eval" / "model.json"),
+        "bench": _read_json(run_dir / "bench" / "bench.json"),
+        "artifacts": artifacts,
+        "stages": records,
+    }
+
+
+def quality_rows(dense: dict | None, model: dict | None) -> list[list[str]]:
+    rows = []
+    names = list(((model or {}).get("perplexity") or {}).keys())
+    for name in names:
+        d = ((dense or {}).get("perplexity") or {}).get(name, {}).get("perplexity")
+        m = model["perplexity"][name]["perplexity"]
+        rows.append([f"{name} perplexity ↓", _fmt(d), _fmt(m)])
+    tasks = ((model or {}).get("zeroshot") or {}).get("tasks", {})
+    for task, r in tasks.items():
+        d = (((dense or {}).get("zeroshot") or {}).get("tasks", {}).get(task) or {}).get("value")
+        rows.append([f"{task} {r['metric']} ↑", _fmt(d, 4), _fmt(r["value"], 4)])
+    if tasks:
+        d = ((dense or {}).get("zeroshot") or {}).get("average")
+        rows.append(
+            [
+                "**7-task average** ↑" if len(tasks) == 7 else "**average** ↑",
+                _fmt(d, 4),
+                _fmt(model["zeroshot"]["average"], 4),
+            ]
+        )
+    return rows
+
+
+def run_commands(data: dict) -> list[tuple[str, str]]:
+    """How to run each exported artifact outside saap (and inside it)."""
+    commands = []
+    for a in data["artifacts"]:
+        path = a["path"]
+        if path.suffix == ".gguf":
+            commands.append(("llama.cpp", f'llama-cli -m {path} -p "{PROMPT}" -n 32'))
+            commands.append(
+                (
+                    "llama-cpp-python",
+                    f"python -c \"import llama_cpp; llm = llama_cpp.Llama('{path}', n_ctx=2048); "
+                    f"print(llm('{PROMPT}', max_tokens=32, temperature=0)['choices'][0]['text'])\"",
+                )
+            )
+            commands.append(("saap", f'saap generate --engine gguf --model {path} --prompt "{PROMPT}"'))
+        else:
+            onnx_file = next(iter(sorted(path.glob("*.onnx"))), path / "model.onnx")
+            commands.append(
+                (
+                    "ONNX Runtime",
+                    f"python -c \"import onnxruntime as ort; s = ort.InferenceSession('{onnx_file}'); "
+                    'print([i.name for i in s.get_inputs()][:4])"  # inputs: see export/ONNX.md',
+                )
+            )
+            commands.append(("saap", f'saap generate --engine onnx --model {path} --prompt "{PROMPT}"'))
+    return commands
+
+
+def build_markdown(data: dict, config: RunConfig, charts: dict[str, str]) -> str:
+    source, pruned = data["source"], data["pruned"]
+    lines = [f"# saap run `{config.name}`", ""]
+    lines += [f"Model `{config.model}` → `{data['final_model']}`.", ""]
+    params_after = pruned.get("params_after")
+    summary = [
+        ["parameters", f"{source.get('params', 0):,}", f"{params_after:,}" if params_after else "–"],
+        ["removed", "", f"{pruned.get('ratio_achieved', 0):.1%} ({pruned.get('method', '?')})"],
+    ]
+    if pruned.get("decode_bytes_after"):
+        summary.append(
+            [
+                "weight bytes read per token (fp32)",
+                _mib(pruned["decode_bytes_before"]),
+                _mib(pruned["decode_bytes_after"]),
+            ]
+        )
+    lines += ["## Size", ""] + _table(["", "dense", "pruned"], summary)
+    if data["finetuned"]:
+        ft = data["finetuned"]
+        lines += [
+            f"Fine-tuned with `{ft.get('settings', {}).get('method', '?')}` "
+            f"({ft.get('settings', {}).get('max_steps', '?')} steps).",
+            "",
+        ]
+    if "layers" in charts:
+        lines += ["## Layers", "", f"![heads and MLP width per layer]({charts['layers']})", ""]
+    layer_rows = [
+        [
+            layer["index"],
+            f"{layer['before']['num_attention_heads']}/{layer['before']['num_key_value_heads']}",
+            f"{layer['after']['num_attention_heads']}/{layer['after']['num_key_value_heads']}",
+            layer["before"]["intermediate_size"],
+            layer["after"]["intermediate_size"],
+            f"{layer['params_before']:,}",
+            f"{layer['params_after']:,}",
+        ]
+        for layer in pruned.get("layers", [])
+    ]
+    if layer_rows:
+        lines += _table(
+            ["layer", "heads q/kv before", "after", "MLP before", "after", "params before", "after"], layer_rows
+        )
+    quality = quality_rows(data["dense_eval"], data["model_eval"])
+    if quality:
+        lines += ["## Quality", ""] + _table(["metric", "dense", "this run"], quality)
+    generations = (data["model_eval"] or {}).get("generations") or []
+    if generations:
+        dense_generations = {g["prompt"]: g["completion"] for g in (data["dense_eval"] or {}).get("generations") or []}
+        rows = [
+            [g["prompt"], _cell(dense_generations.get(g["prompt"], "–")), _cell(g["completion"])] for g in generations
+        ]
+        lines += ["## Generations (greedy)", ""] + _table(["prompt", "dense", "this run"], rows)
+    throughput = throughput_rows(data["bench"])
+    if throughput:
+        rows = [
+            [r["model"], r["setup"], r["prompt_tokens"], _fmt(r["prefill"], 1), _fmt(r["decode"], 1), r["peak_rss_mb"]]
+            for r in throughput
+        ]
+        lines += ["## Throughput", ""]
+        lines += _table(["model", "engine", "prompt tokens", "prefill tok/s", "decode tok/s", "peak RSS MB"], rows)
+        if "throughput" in charts:
+            lines += [f"![decode tokens/s]({charts['throughput']})", ""]
+    if data["artifacts"]:
+        rows = [[f"`{a['path']}`", _mib(a["bytes"])] for a in data["artifacts"]]
+        lines += ["## Artifacts", ""] + _table(["artifact", "size"], rows)
+        lines += ["## Running the artifacts", "", "```bash"]
+        lines += [f"# {where}\n{command}" for where, command in run_commands(data)]
+        lines += ["```", ""]
+    stage_rows = [
+        [
+            name,
+            _fmt(r.get("wall_s"), 1),
+            r.get("peak_rss_mb"),
+            "<br>".join(
+                _cell(" ".join(c["args"]) if isinstance(c["args"], list) else c["args"]) for c in r.get("commands", [])
+            ),
+        ]
+        for name, r in data["stages"].items()
+    ]
+    lines += ["## Stages", ""] + _table(["stage", "wall s", "peak RSS MB", "commands (saap …)"], stage_rows)
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")  # one table row: every kind of line break goes
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; } img { max-width: 100%; } pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+code { font-size: 0.9em; }
+"""
+
+# Counts the charts that decoded, so a headless browser test can check they render.
+_SCRIPT = """
+window.addEventListener("load", () => {
+  const charts = [...document.querySelectorAll("img.chart")];
+  document.body.dataset.chartsRendered = charts.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.chartsTotal = charts.length;
+});
+"""
+
+
+def markdown_to_html(markdown: str, images: dict[str, bytes], title: str) -> str:
+    """A small converter for exactly what ``build_markdown`` writes: headings, tables, images, code."""
+    out, in_code, table = [], False, []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        header, *body = [
+            [c.strip() for c in row.strip("|").split(" | ")] for row in table if not row.startswith("|---")
+        ]
+        out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in header) + "</tr>")
+        out.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
+        out.append("</table>")
+        table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            flush_table()
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+        elif in_code:
+            out.append(html.escape(line))
+        elif line.startswith("|"):
+            table.append(line)
+        else:
+            flush_table()
+            if line.startswith("#"):
+                level = len(line) - len(line.lstrip("#"))
+                out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+            elif line.startswith("!["):
+                alt, src = line[2:].split("](", 1)
+                data = base64.b64encode(images[src.rstrip(")")]).decode()
+                out.append(f'<p><img class="chart" alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
+            elif line.strip():
+                out.append(f"<p>{_inline(line)}</p>")
+    flush_table()
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+    )
+
+
+def _inline(text: str) -> str:
+    import re
+
+    text = html.escape(text).replace("&lt;br&gt;", "<br>").replace("\\|", "|")
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def write_report(run_dir: Path, out: Path, config: RunConfig, records: dict[str, dict]) -> None:
+    """Write report.md, report.html and the chart PNGs into ``out`` (the report stage's directory)."""
+    data = gather(run_dir, records)
+    images: dict[str, bytes] = {}
+    pruned, source = data["pruned"], data["source"]
+    if pruned.get("layers"):
+        images["report/layers.png"] = layers_chart(
+            [layer["before"] for layer in pruned["layers"]], [layer["after"] for layer in pruned["layers"]]
+        )
+    elif source.get("layers"):
+        images["report/layers.png"] = layers_chart(source["layers"], source["layers"])
+    chart = throughput_chart(throughput_rows(data["bench"]))
+    if chart:
+        images["report/throughput.png"] = chart
+    charts = {Path(k).stem: k for k in images}
+    markdown = build_markdown(data, config, charts)
+    for name, png in images.items():
+        (out / Path(name).name).write_bytes(png)
+    (out / "report.md").write_text(markdown + "\n")
+    (out / "report.html").write_text(markdown_to_html(markdown, images, f"saap run {config.name}"))

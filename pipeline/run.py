@@ -1,0 +1,500 @@
+"""``saap run config.yaml``: the whole pipeline, one resumable stage at a time.
+
+    load -> prune -> finetune -> eval -> export-onnx -> export-gguf -> bench -> report
+
+Each stage writes ``<artifacts_dir>/<name>/<stage>/`` and, last, its ``stage.json``: the inputs and
+their sha256, the settings, the exact commands, every output file's sha256, wall time and peak RSS.
+A stage runs in a temporary sibling directory renamed into place when it succeeds, so a crash (even
+``kill -9``) leaves no half-written stage behind, only a ``.tmp`` directory the next run removes.
+
+A stage is skipped when its *key* (settings + the sha256 of its inputs) matches the recorded one and
+its outputs still verify. Inputs are upstream outputs, so a changed setting reruns its stage, and
+everything downstream whose inputs then change. Stages other than load and report are ``saap`` verbs
+run as child processes: the same commands a user would type, each with its own peak RSS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from runtime.errors import SaapError
+
+STAGES = ("load", "prune", "finetune", "eval", "export-onnx", "export-gguf", "bench", "report")
+STAGE_FILE = "stage.json"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory`` but its stage.json, by relative path."""
+    from runtime.checkpoint import sha256_file
+
+    return {
+        str(p.relative_to(directory)): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != STAGE_FILE
+    }
+
+
+def subtree_digest(files: dict[str, str], prefix: str) -> str:
+    """One sha256 for the files of a manifest under ``prefix`` (a file or a directory)."""
+    chosen = {k: v for k, v in files.items() if k == prefix or k.startswith(prefix.rstrip("/") + "/")}
+    if not chosen:
+        raise SaapError(f"stage output '{prefix}' is missing")
+    return sha256_bytes(json.dumps(chosen, sort_keys=True).encode())
+
+
+def _die_with_parent() -> None:
+    """Children die with the orchestrator (kill -9 included), so no stage outlives its run."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class ChildResult:
+    wall_s: float
+    peak_rss_mb: int
+
+
+def run_saap(args: list[str], log: Path) -> ChildResult:
+    """``saap ARGS`` in a child process: progress bars on our stderr, its stdout into ``log``."""
+    started = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"$ saap {' '.join(args)}\n")
+        out.flush()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        errors = []
+        for line in child.stderr:  # pass progress through; keep the last lines for the error message
+            sys.stderr.write(line)
+            errors = (errors + [line.strip()])[-3:]
+        _, status, usage = os.wait4(child.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        reason = next((e for e in reversed(errors) if e.startswith("saap: error:")), errors[-1] if errors else "")
+        raise SaapError(f"'saap {args[0]}' exited with {code}: {reason.removeprefix('saap: error: ')}")
+    return ChildResult(time.perf_counter() - started, round(usage.ru_maxrss / 1024))
+
+
+@dataclass
+class Context:
+    config: RunConfig
+    config_path: Path
+    run_dir: Path
+    records: dict[str, dict] = field(default_factory=dict)  # stage -> its stage.json, as the run goes
+    progress: bool = True
+
+    def output(self, stage: str, relative: str) -> Path:
+        return self.run_dir / stage / relative
+
+    def upstream(self, stage: str, relative: str) -> dict[str, str]:
+        """An input produced by an earlier stage: its path and the digest of its recorded files."""
+        return {
+            "path": str(self.output(stage, relative)),
+            "sha256": subtree_digest(self.records[stage]["outputs"], relative),
+        }
+
+    @property
+    def final_stage(self) -> str:
+        """The stage whose model the later stages deploy: fine-tuned if fine-tuning is on."""
+        return "finetune" if self.config.finetune.enabled else "prune"
+
+    @property
+    def final_model(self) -> Path:
+        return self.output(self.final_stage, "model")
+
+
+@dataclass
+class Stage:
+    """What a stage reads, which settings it depends on, and how it fills its output directory."""
+
+    name: str
+    inputs: Callable[[Context], dict[str, dict[str, str]]]  # name -> {"path", "sha256"}
+    settings: Callable[[Context], dict[str, Any]]
+    run: Callable[[Context, Path], list[dict]]  # fills the directory; returns the commands it ran
+    enabled: Callable[[Context], bool] = lambda ctx: True
+
+
+# --- load: fingerprint the source model once; everything downstream depends on this record ---------
+
+
+def _source_files(spec: str) -> tuple[Path | None, list[Path]]:
+    from runtime.models import ALIASES, resolve_alias
+
+    path = resolve_alias(spec) if spec in ALIASES else Path(spec).expanduser()
+    if not path.exists():
+        return None, []  # a Hub id: the child processes resolve it
+    return path, [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _load_inputs(ctx: Context) -> dict[str, dict[str, str]]:
+    """Size and mtime of the source files: cheap, and any edit of the weights changes them."""
+    _, files = _source_files(ctx.config.model)
+    stats = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    return {"source": {"path": ctx.config.model, "sha256": sha256_bytes(json.dumps(stats).encode())}}
+
+
+def _load_settings(ctx: Context) -> dict[str, Any]:
+    return {"model": ctx.config.model}
+
+
+def _load_run(ctx: Context, out: Path) -> list[dict]:
+    from runtime.checkpoint import sha256_file
+    from runtime.models import load_model_config
+    from runtime.surgery import config_parameter_count, layer_shapes
+
+    path, files = _source_files(ctx.config.model)
+    hashes = {str(p.relative_to(path.parent)): sha256_file(p) for p in files} if path else {}
+    source: dict[str, Any] = {"spec": ctx.config.model, "path": str(path) if path else None, "files": hashes}
+    config = load_model_config(ctx.config.model)
+    source["params"] = config_parameter_count(config)
+    source["layers"] = [s.as_dict() for s in layer_shapes(config)]
+    (out / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+    return []
+
+
+# --- prune -----------------------------------------------------------------------------------------
+
+
+def _prune_inputs(ctx: Context) -> dict[str, dict[str, str]]:
+    from pipeline.data import DEFAULT_CALIBRATION, resolve_data_file
+    from runtime.checkpoint import sha256_file
+
+    calibration = resolve_data_file(ctx.config.prune.calibration or DEFAULT_CALIBRATION)
+    return {
+        "source": ctx.upstream("load", "source.json"),
+        "calibration": {"path": str(calibration), "sha256": sha256_file(calibration)},
+    }
+
+
+def _prune_run(ctx: Context, out: Path) -> list[dict]:
+    return [_command(["prune", "--model", ctx.config.model, *ctx.config.prune.flags(), "--out", out / "model"])]
+
+
+# --- finetune --------------------------------------------------------------------------------------
+
+
+def _finetune_inputs(ctx: Context) -> dict[str, dict[str, str]]:
+    from pipeline.data import resolve_data_file
+    from runtime.checkpoint import sha256_file
+
+    data = resolve_data_file(ctx.config.finetune.data)
+    return {"model": ctx.upstream("prune", "model"), "data": {"path": str(data), "sha256": sha256_file(data)}}
+
+
+def _finetune_run(ctx: Context, out: Path) -> list[dict]:
+    model = ctx.output("prune", "model")
+    return [_command(["finetune", "--model", model, *ctx.config.finetune.flags(), "--out", out / "model"])]
+
+
+# --- eval ------------------------------------------------------------------------------------------
+
+
+def _eval_inputs(ctx: Context) -> dict[str, dict[str, str]]:
+    inputs = {"model": ctx.upstream(ctx.final_stage, "model")}
+    if ctx.config.eval.dense:
+        inputs["dense"] = ctx.upstream("load", "source.json")
+    return inputs
+
+
+def _eval_run(ctx: Context, out: Path) -> list[dict]:
+    flags = ctx.config.eval.flags()
+    commands = [_command(["eval", "--model", ctx.final_model, *flags, "--out", out / "model.json"])]
+    if ctx.config.eval.dense:
+        # The dense scores depend only on the source and the eval settings: reuse the last ones if those match.
+        dense_key = sha256_bytes(json.dumps([ctx.upstream("load", "source.json")["sha256"], flags]).encode())
+        previous = ctx.run_dir / "eval"
+        previous_record = _read_stage(previous) or {}
+        if previous_record.get("dense_key") == dense_key and (previous / "dense.json").is_file():
+            for name in ("dense.json", "dense.md"):
+                if (previous / name).is_file():
+                    shutil.copy2(previous / name, out / name)
+            commands.append({"args": "(dense scores reused from the previous eval)", "reused": True})
+        else:
+            commands.append(_command(["eval", "--model", ctx.config.model, *flags, "--out", out / "dense.json"]))
+        (out / ".dense_key").write_text(dense_key)
+    return commands
+
+
+# --- exports ---------------------------------------------------------------------------------------
+
+
+def _export_inputs(ctx: Context) -> dict[str, dict[str, str]]:
+    return {"model": ctx.upstream(ctx.final_stage, "model")}
+
+
+def _export_onnx_run(ctx: Context, out: Path) -> list[dict]:
+    return [
+        _command(["export", "onnx", "--model", ctx.final_model, "--precision", p, "--out", out / p, "--quiet"])
+        for p in ctx.config.export.onnx
+    ]
+
+
+def _export_gguf_run(ctx: Context, out: Path) -> list[dict]:
+    return [
+        _command(["export", "gguf", "--model", ctx.final_model, "--quant", q, "--out", out / f"model-{q}.gguf"])
+        for q in ctx.config.export.gguf
+    ]
+
+
+# --- bench -----------------------------------------------------------------------------------------
+
+
+def _bench_inputs(ctx: Context) -> dict[str, dict[str, str]]:
+    return {"dense": ctx.upstream("load", "source.json"), "model": ctx.upstream(ctx.final_stage, "model")}
+
+
+def _bench_run(ctx: Context, out: Path) -> list[dict]:
+    models = [ctx.config.model, ctx.final_model]
+    return [_command(["bench", "--models", *models, *ctx.config.bench.flags(), "--out", out / "bench.json"])]
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def _report_inputs(ctx: Context) -> dict[str, dict[str, str]]:
+    return {
+        stage: {
+            "path": str(ctx.run_dir / stage),
+            "sha256": sha256_bytes(json.dumps(record["outputs"], sort_keys=True).encode()),
+        }
+        for stage, record in ctx.records.items()
+        if stage != "report"
+    }
+
+
+def _report_run(ctx: Context, out: Path) -> list[dict]:
+    from pipeline.report import write_report
+
+    write_report(ctx.run_dir, out, ctx.config, ctx.records)
+    return []
+
+
+def _settings_of(section: str) -> Callable[[Context], dict[str, Any]]:
+    return lambda ctx: getattr(ctx.config, section).model_dump()
+
+
+PIPELINE = [
+    Stage("load", _load_inputs, _load_settings, _load_run),
+    Stage("prune", _prune_inputs, _settings_of("prune"), _prune_run),
+    Stage(
+        "finetune", _finetune_inputs, _settings_of("finetune"), _finetune_run, lambda ctx: ctx.config.finetune.enabled
+    ),
+    Stage("eval", _eval_inputs, _settings_of("eval"), _eval_run),
+    Stage(
+        "export-onnx",
+        _export_inputs,
+        lambda ctx: {"onnx": ctx.config.export.onnx},
+        _export_onnx_run,
+        lambda ctx: bool(ctx.config.export.onnx),
+    ),
+    Stage(
+        "export-gguf",
+        _export_inputs,
+        lambda ctx: {"gguf": ctx.config.export.gguf},
+        _export_gguf_run,
+        lambda ctx: bool(ctx.config.export.gguf),
+    ),
+    Stage("bench", _bench_inputs, _settings_of("bench"), _bench_run, lambda ctx: ctx.config.bench.enabled),
+    Stage("report", _report_inputs, lambda ctx: {"name": ctx.config.name}, _report_run),
+]
+assert tuple(s.name for s in PIPELINE) == STAGES
+
+
+def _command(args: list[Any]) -> dict:
+    """A pending ``saap`` command; ``_execute`` runs it (kept as data so stage.json can record it)."""
+    return {"args": [str(a) for a in args]}
+
+
+def _read_stage(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / STAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _up_to_date(directory: Path, key: str) -> dict | None:
+    """The recorded stage.json if the stage ran with this key and its outputs are intact."""
+    record = _read_stage(directory)
+    if not record or record.get("key") != key:
+        return None
+    if manifest(directory) != record.get("outputs"):
+        return None
+    return record
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
+
+
+def _clean_leftovers(run_dir: Path) -> None:
+    """Temporary directories of a run that was killed mid-stage."""
+    for leftover in run_dir.glob(".*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict) -> dict:
+    final = ctx.run_dir / stage.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stage.name}.tmp-", dir=ctx.run_dir))
+    started = time.perf_counter()
+    peak = 0
+    log = tmp / "log.txt"
+    log.touch()
+    ran = []
+    for command in stage.run(ctx, tmp):
+        if command.get("reused"):
+            ran.append(command)
+            continue
+        result = run_saap(command["args"], log)
+        peak = max(peak, result.peak_rss_mb)
+        # Record the command as it reads for the finished stage, not for its temporary directory.
+        args = [a.replace(str(tmp), str(final)) for a in command["args"]]
+        ran.append({"args": args, "wall_s": round(result.wall_s, 1), "peak_rss_mb": result.peak_rss_mb})
+    if not ran:  # an in-process stage: the orchestrator's own peak
+        peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    record = {
+        "stage": stage.name,
+        "key": key,
+        "inputs": inputs,
+        "settings": settings,
+        "commands": ran,
+        "outputs": manifest(tmp),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": peak,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    dense_key = tmp / ".dense_key"
+    if dense_key.is_file():
+        record["dense_key"] = dense_key.read_text()
+    (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    # Swap in: the old output moves aside first, so a crash between the renames loses nothing valid.
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{stage.name}.tmp-old-", dir=ctx.run_dir))
+        os.replace(final, old / "stage")
+    os.replace(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    return record
+
+
+def run_pipeline(
+    config: RunConfig,
+    config_path: Path,
+    from_stage: str | None = None,
+    until_stage: str | None = None,
+    force: list[str] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run (or resume) every stage; returns one summary row per stage."""
+    for name in [from_stage, until_stage, *(force or [])]:
+        if name is not None and name not in STAGES:
+            raise SaapError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+    first = STAGES.index(from_stage) if from_stage else 0
+    last = STAGES.index(until_stage) if until_stage else len(STAGES) - 1
+    forced = set(force or []) | (set(STAGES[first:]) if from_stage else set())
+    ctx = Context(config, config_path, config.run_dir, progress=progress)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(ctx.run_dir)
+    summary = []
+    for index, stage in enumerate(PIPELINE):
+        if index > last:
+            break
+        label = f"[{index + 1}/{len(STAGES)}] {stage.name:<12}"
+        if not stage.enabled(ctx):
+            summary.append({"stage": stage.name, "status": "off"})
+            print(f"{label} off", flush=True)
+            continue
+        inputs, settings = stage.inputs(ctx), stage.settings(ctx)
+        # Content, not location, decides: the key hashes the inputs' sha256 and the settings.
+        digests = {name: value["sha256"] for name, value in inputs.items()}
+        # The package version is in too: a new saap release recomputes rather than trusting old outputs.
+        identity = {"inputs": digests, "settings": settings, "saap": _version()}
+        key = sha256_bytes(json.dumps(identity, sort_keys=True).encode())
+        record = None if stage.name in forced else _up_to_date(ctx.run_dir / stage.name, key)
+        if index < first:
+            if record is None:
+                raise SaapError(
+                    f"--from {from_stage}: stage '{stage.name}' has no valid output yet; run without --from"
+                )
+            status = "reused"
+        elif record is not None:
+            status = "skipped"
+        else:
+            print(f"{label} running ...", flush=True)
+            record = _execute(stage, ctx, key, inputs, settings)
+            status = "ran"
+        ctx.records[stage.name] = record
+        summary.append(
+            {
+                "stage": stage.name,
+                "status": status,
+                "wall_s": record["wall_s"],
+                "peak_rss_mb": record["peak_rss_mb"],
+                "bytes": _stage_bytes(ctx.run_dir / stage.name),
+            }
+        )
+        note = "up to date" if status != "ran" else _format_seconds(record["wall_s"])
+        print(f"{label} {status:<7} {note}  peak RSS {record['peak_rss_mb']} MB", flush=True)
+    if "report" in ctx.records:
+        _publish_report(ctx.run_dir)
+    return summary
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("saap")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _stage_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _publish_report(run_dir: Path) -> None:
+    """``<run>/report.md`` and ``report.html``: copies of the report stage's files at the run's top."""
+    from runtime.checkpoint import write_text_atomic
+
+    for name in ("report.md", "report.html"):
+        write_text_atomic(run_dir / name, (run_dir / "report" / name).read_text())
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = [f"{'stage':<12} {'status':<8} {'wall':>9} {'peak RSS':>9} {'output':>10}"]
+    for row in rows:
+        if row["status"] == "off":
+            lines.append(f"{row['stage']:<12} {'off':<8}")
+            continue
+        lines.append(
+            f"{row['stage']:<12} {row['status']:<8} {_format_seconds(row['wall_s']):>9} "
+            f"{row['peak_rss_mb']:>6} MB {row['bytes'] / 2**20:>7.1f} MB"
+        )
+    return "\n".join(lines)
