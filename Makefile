@@ -1,7 +1,7 @@
 # Two entry points for a newcomer: `make demo` (the main job) and `make test`. Both set up .venv first.
 VENV ?= .venv
 BIN := $(VENV)/bin
-RUN ?= artifacts/smol-p20
+CONFIG ?= configs/smollm2-135m.yaml
 
 .PHONY: setup test lint demo bench
 
@@ -19,9 +19,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/saap prune --model smollm2-135m --ratio 0.2 --method llm-pruner --out $(RUN) --overwrite
-	$(BIN)/saap generate --model $(RUN) --prompt "The capital of France is" --max-new-tokens 20
-	$(BIN)/saap eval --model $(RUN) --ppl wikitext2 ptb --out $(RUN)/eval.json
+	$(BIN)/saap run $(CONFIG)
 
 bench: setup
 	$(BIN)/python benchmarks/prune_cost.py

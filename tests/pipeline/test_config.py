@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import RunConfig, check_semantics, load_config, parse_config
+from runtime.errors import SaapError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": "m", "prune": {"rattio": 0.2}}, "prune.rattio: unknown key"),
+        ({"model": "m", "prune": {"ratio": "lots"}}, "prune.ratio: Input should be a valid number"),
+        ({"prune": {"ratio": 0.2}}, "model: Field required"),
+        ({"model": "m", "export": {"gguf": ["q3_x"]}}, "export.gguf.0: Input should be"),
+        ({"model": "m", "finetune": {"bits": 3}}, "finetune.bits: Input should be 4 or 8"),
+        ({"model": "m", "eval": {"tasks": "piqa"}}, "eval.tasks: Input should be a valid list"),
+        ({"model": "m", "benchmark": {}}, "benchmark: unknown key"),
+        (["model", "m"], "the config must be a mapping"),
+    ],
+)
+def test_schema_errors_name_the_yaml_path(data, message):
+    with pytest.raises(SaapError, match="^run.yaml: " + message.replace(".", r"\.")):
+        parse_config(data, "run.yaml")
+
+
+def test_defaults_and_flags():
+    config = parse_config({"model": "m", "prune": {"ratio": 0.3}}, "configs/demo.yaml")
+    assert config.name == "demo" and config.run_dir == Path("artifacts/demo")
+    flags = config.prune.flags()
+    assert flags[:4] == ["--method", "saap", "--ratio", "0.3"] and "--target-params" not in flags
+    assert config.eval.flags()[:3] == ["--ppl", "wikitext2", "ptb"] and "--dense" not in config.eval.flags()
+    assert "--enabled" not in config.finetune.flags()
+
+
+@pytest.mark.parametrize(
+    "prune, message",
+    [
+        ({"ratio": 0.95}, r"prune\.ratio: --ratio must be in \(0, 0\.9\]"),
+        ({"target_params": 10}, r"prune\.target_params: --target-params 10 is unreachable"),
+        ({"ratio": 0.2, "target_params": 10}, r"prune\.ratio: give one budget"),
+        ({"method": "magic"}, r"prune\.method: unknown method 'magic'"),
+        ({"num_samples": 0}, r"prune\.num_samples: --num-samples"),
+    ],
+)
+def test_impossible_budgets_are_found_before_any_work(hf_dir, prune, message):
+    config = parse_config({"model": str(hf_dir), "prune": {"align": 4, **prune}}, "run.yaml")
+    with pytest.raises(SaapError, match="^run.yaml: " + message):
+        check_semantics(config, "run.yaml")
+
+
+def test_missing_model_and_data_are_config_errors(hf_dir, tmp_path):
+    with pytest.raises(SaapError, match=r"^run.yaml: model: model path .* does not exist"):
+        check_semantics(parse_config({"model": str(tmp_path / "nope")}, "run.yaml"), "run.yaml")
+    config = parse_config({"model": str(hf_dir), "prune": {"align": 4}, "eval": {"ppl": ["nope.txt"]}}, "run.yaml")
+    with pytest.raises(SaapError, match=r"^run.yaml: eval\.ppl\[0\]: data file 'nope.txt' not found"):
+        check_semantics(config, "run.yaml")
+    config = parse_config({"model": str(hf_dir), "prune": {"align": 4}, "eval": {"tasks": ["chess"]}}, "run.yaml")
+    with pytest.raises(SaapError, match=r"^run.yaml: eval\.tasks\[0\]: unknown task 'chess'"):
+        check_semantics(config, "run.yaml")
+
+
+def test_cli_reports_config_errors_in_one_line_and_writes_nothing(capsys, tmp_path):
+    path = write(tmp_path, {"model": "m", "artifacts_dir": str(tmp_path / "a"), "prune": {"ratio": "x"}})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("saap: error: ") and "prune.ratio" in err
+    assert not (tmp_path / "a").exists()
+    bad_yaml = write(tmp_path, "model: [unclosed\n")
+    assert main(["run", str(bad_yaml)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_shipped_configs_follow_the_schema():
+    paths = sorted(CONFIGS.glob("*.yaml"))
+    assert any(p.name == "smollm2-135m.yaml" for p in paths)
+    for path in paths:
+        config = load_config(path)
+        assert isinstance(config, RunConfig) and config.name == path.stem
+
+
+@pytest.mark.real_model
+def test_default_config_passes_every_check():
+    config = load_config(CONFIGS / "smollm2-135m.yaml")
+    check_semantics(config, "smollm2-135m.yaml")

@@ -1,0 +1,116 @@
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.report import markdown_to_html, quality_rows, throughput_rows, write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+LAYERS = [
+    {
+        "index": i,
+        "before": {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256},
+        "after": {"num_attention_heads": a, "num_key_value_heads": a // 2, "intermediate_size": w},
+        "params_before": 1000,
+        "params_after": 500,
+    }
+    for i, (a, w) in enumerate([(4, 256), (2, 128), (0, 64)])
+]
+
+
+def evaluation(ppl: float, acc: float) -> dict:
+    return {
+        "perplexity": {"wikitext2": {"perplexity": ppl, "windows": 4, "seq_len": 128}},
+        "zeroshot": {"tasks": {"piqa": {"metric": "acc", "value": acc}}, "average": acc},
+        "generations": [{"prompt": "The capital of France is", "completion": "Paris.\nIt | is"}],
+    }
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    run = tmp_path / "run"
+    (run / "load").mkdir(parents=True)
+    (run / "load" / "source.json").write_text(json.dumps({"params": 3000, "layers": [x["before"] for x in LAYERS]}))
+    (run / "prune" / "model").mkdir(parents=True)
+    pruned = {"params_after": 1500, "ratio_achieved": 0.5, "method": "saap", "layers": LAYERS}
+    (run / "prune" / "model" / "saap.json").write_text(json.dumps(pruned))
+    (run / "eval").mkdir()
+    (run / "eval" / "dense.json").write_text(json.dumps(evaluation(20.0, 0.7)))
+    (run / "eval" / "model.json").write_text(json.dumps(evaluation(30.0, 0.6)))
+    (run / "bench").mkdir()
+    bench = {
+        "results": [
+            {
+                "model": "smollm2-135m",
+                "engine": "gguf",
+                "quantization": "q8_0",
+                "decode_tokens_per_s": {"median": 50.0},
+            },
+            {
+                "model": "run/prune/model",
+                "engine": "gguf",
+                "quantization": "q8_0",
+                "decode_tokens_per_s": {"median": 60.0},
+            },
+        ]
+    }
+    (run / "bench" / "bench.json").write_text(json.dumps(bench))
+    (run / "export-gguf").mkdir()
+    (run / "export-gguf" / "model-q8_0.gguf").write_bytes(b"GGUF" + bytes(100))
+    (run / "report").mkdir()
+    return run
+
+
+def records(*stages: str) -> dict:
+    return {s: {"wall_s": 1.0, "peak_rss_mb": 100, "commands": [{"args": [s, "--x"]}], "outputs": {}} for s in stages}
+
+
+def test_report_has_every_section(run_dir):
+    config = parse_config({"model": "smollm2-135m"}, "demo.yaml")
+    write_report(run_dir, run_dir / "report", config, records("load", "prune", "eval", "export-gguf", "bench"))
+    markdown = (run_dir / "report" / "report.md").read_text()
+    for part in ("## Size", "## Layers", "## Quality", "## Generations", "## Throughput", "## Artifacts"):
+        assert part in markdown
+    assert "| wikitext2 perplexity ↓ | 20.00 | 30.00 |" in markdown
+    assert "Paris. It \\| is" in markdown  # a completion stays inside its table cell
+    assert f"llama-cli -m {run_dir / 'export-gguf' / 'model-q8_0.gguf'}" in markdown
+    assert (run_dir / "report" / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "report" / "throughput.png").is_file()
+    page = (run_dir / "report" / "report.html").read_text()
+    assert page.count('class="chart"') == 2 and 'src="report/' not in page  # inlined, self-contained
+
+
+def test_helpers():
+    assert quality_rows(None, evaluation(3.0, 0.5))[0] == ["wikitext2 perplexity ↓", "–", "3.00"]
+    rows = throughput_rows(
+        {"results": [{"model": "a/b", "engine": "onnx", "quantization": "int8", "decode_tokens_per_s": 9.0}]}
+    )
+    assert rows[0]["setup"] == "onnx int8" and rows[0]["decode"] == 9.0 and rows[0]["model"] == "b"
+    page = markdown_to_html("# T\n\n| a | b |\n|---|---|\n| `x` | **y** |\n\n```bash\necho <hi>\n```", {}, "t")
+    assert "<td><code>x</code></td><td><b>y</b></td>" in page and "echo &lt;hi&gt;" in page
+
+
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("SAAP_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is required (SAAP_REQUIRE_CHROMIUM is set) but not installed")
+        pytest.skip("no chromium on this machine (CI installs it)")
+    config = parse_config({"model": "smollm2-135m"}, "demo.yaml")
+    write_report(run_dir, run_dir / "report", config, records("load", "prune", "eval", "bench"))
+    # Flags as for a sandboxed, offline machine: no background network, a fresh profile.
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+    flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    flags += [f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom"]
+    page = (run_dir / "report" / "report.html").as_uri()
+    dom = subprocess.run([CHROMIUM, *flags, page], capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, dom[:500]
+    rendered = re.search(r'data-charts-rendered="(\d+)"', body.group(1))
+    total = re.search(r'data-charts-total="(\d+)"', body.group(1))
+    assert rendered and total and int(total.group(1)) == 2 and rendered.group(1) == total.group(1)
+    assert "<table>" in dom and "Throughput" in dom
