@@ -72,13 +72,16 @@ class FinetuneConfig(Section):
     bits: Literal[4, 8] = 4
     group_size: Literal[32, 64, 128] = 32
     rank: int = 8
-    alpha: float = 16.0
-    max_steps: int | None = 100
+    alpha: float | None = None  # default 2 x rank
+    dropout: float = 0.0
+    max_steps: int | None = None  # default: saap finetune's own (or `epochs` passes)
     epochs: float | None = None
-    lr: float = 2e-4
+    lr: float = 3e-4
     batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 256
+    val_size: int = 32
+    save_steps: int = 25
     seed: int = 0
 
 

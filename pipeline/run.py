@@ -353,14 +353,21 @@ def _format_seconds(seconds: float) -> str:
 
 
 def _clean_leftovers(run_dir: Path) -> None:
-    """Temporary directories of a run that was killed mid-stage."""
+    """Temporary directories of runs killed mid-stage (a stage rerun with the same key reuses its own)."""
     for leftover in run_dir.glob(".*.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict) -> dict:
     final = ctx.run_dir / stage.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{stage.name}.tmp-", dir=ctx.run_dir))
+    # Named by the key, so a rerun after a crash finds the killed attempt's directory: its
+    # ``*.partial`` entries (saap finetune's resumable checkpoints) survive, everything else goes.
+    tmp = ctx.run_dir / f".{stage.name}.tmp-{key[:16]}"
+    if tmp.is_dir():
+        for entry in tmp.iterdir():
+            if not entry.name.endswith(".partial"):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    tmp.mkdir(exist_ok=True)
     started = time.perf_counter()
     peak = 0
     log = tmp / "log.txt"
@@ -420,7 +427,6 @@ def run_pipeline(
     forced = set(force or []) | (set(STAGES[first:]) if from_stage else set())
     ctx = Context(config, config_path, config.run_dir, progress=progress)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(ctx.run_dir)
     summary = []
     for index, stage in enumerate(PIPELINE):
         if index > last:
@@ -463,6 +469,7 @@ def run_pipeline(
         print(f"{label} {status:<7} {note}  peak RSS {record['peak_rss_mb']} MB", flush=True)
     if "report" in ctx.records:
         _publish_report(ctx.run_dir)
+    _clean_leftovers(ctx.run_dir)
     return summary
 
 
