@@ -130,6 +130,8 @@ def _doc(speedup=1.25, decode=100.0, size=1000, fingerprint="abc", params=10):
         "threads": 2,
         "prompt_tokens": 16,
         "decode_speedup": {"median": speedup, "min": speedup, "max": speedup},
+        "ideal_speedup": 1.25,
+        "efficiency": round(speedup / 1.25, 4),
     }
     return {
         "schema": bench.SCHEMA,
@@ -282,3 +284,25 @@ def test_injected_slowdown_fails_the_regression_check(pair, tmp_path, monkeypatc
     assert main([*argv, "--compare", str(baseline), "--tolerance", "0.3"]) == 1
     out = capsys.readouterr().out
     assert "regressed beyond 30%" in out and "decode speed-up pruned vs dense" in out
+
+
+def test_check_regression_script_passes_fails_and_ignores_other_hardware(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.bench import PROJECT
+
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(_doc()))
+
+    def check(doc: dict) -> subprocess.CompletedProcess:
+        current = tmp_path / "current.json"
+        current.write_text(json.dumps(doc))
+        script = PROJECT / "benchmarks" / "check_regression.py"
+        argv = [sys.executable, str(script), "--current", str(current), "--baseline", str(baseline)]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+
+    assert check(_doc(speedup=1.1)).returncode == 0
+    failed = check(_doc(speedup=0.6))  # the pruned model lost half its lead: a 2x slowdown
+    assert failed.returncode == 1 and "decode speed-up pruned vs dense" in failed.stdout
+    assert check(_doc(decode=10.0, fingerprint="elsewhere")).returncode == 0  # absolute speeds not compared
