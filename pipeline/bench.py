@@ -16,7 +16,7 @@ Pure helpers, unit-tested: ``summarize`` (median/min/max), ``paired_speedup``, `
 ``onnx_decode_bytes``, ``torch_decode_bytes``, ``flatten_metrics``, ``hardware_fingerprint``.
 
 How it measures. Each (model, engine, device, quantization, threads) runs in its own child process
-(``pipeline.bench_worker``), so its peak RSS is its own. Within one (engine, device, quantization,
+(``pipeline.bench_worker``), so its peak RSS (VmHWM) is its own. Within one (engine, device, quantization,
 threads) group one child per model stays alive and the repeats alternate between them (A B A B ...,
 reversed every other round), after ``warmup`` unmeasured runs each: slow phases of a shared machine
 hit every model alike, and the per-repeat ratio of a pruned model to its dense parent cancels them.
@@ -705,11 +705,10 @@ class Worker:
         self.proc.stdin.write(json.dumps("quit") + "\n")
         self.proc.stdin.flush()
         final = self._read()
-        _, _, usage = os.wait4(self.proc.pid, 0)
-        self.proc.returncode = 0
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        self.proc.wait()
         self.stderr.close()
-        return {"peak_rss_mb": round(usage.ru_maxrss * scale / 2**20, 1), "peak_gpu_mb": final.get("peak_gpu_mb")}
+        # the child's own high-water mark: wait4's ru_maxrss would include this parent's RSS at fork
+        return {"peak_rss_mb": final.get("peak_rss_mb"), "peak_gpu_mb": final.get("peak_gpu_mb")}
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -980,7 +979,7 @@ def format_table(doc: dict[str, Any], markdown: bool = False) -> str:
                     f"{s['prefill_tok_s']['median']:.0f}",
                     f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})",
                     f"{s['ttft_ms']['median']:.0f}",
-                    f"{r['peak_rss_mb']:.0f}",
+                    "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}",
                     _mb(r["artifact_bytes"]),
                     _mb(r["decode_weight_bytes"]),
                     f"{sp['decode_speedup']['median']:.3f}" if sp else "",
@@ -1114,7 +1113,8 @@ def flatten_metrics(doc: dict[str, Any]) -> dict[str, Metric]:
             metrics[f"decode tok/s {key}/p{p}"] = Metric(s["decode_tok_s"]["median"], True, False)
             metrics[f"prefill tok/s {key}/p{p}"] = Metric(s["prefill_tok_s"]["median"], True, False)
             metrics[f"TTFT ms {key}/p{p}"] = Metric(s["ttft_ms"]["median"], False, False)
-        metrics[f"peak RSS MB {key}"] = Metric(r["peak_rss_mb"], False, False)
+        if r.get("peak_rss_mb") is not None:
+            metrics[f"peak RSS MB {key}"] = Metric(r["peak_rss_mb"], False, False)
     for label, m in doc.get("models", {}).items():
         if m.get("params") is not None:
             metrics[f"params {label}"] = Metric(m["params"], False, True)

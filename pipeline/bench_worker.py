@@ -5,8 +5,8 @@
 It loads the engine and prints ``{"ok": true, "load_s": ..., "vocab": ...}`` (or ``{"ok": false,
 "error": ...}`` and exits 2). Then for every request line ``{"prompt_tokens": P, "gen_tokens": G}``
 on stdin it prefills P fixed token ids and feeds G more fixed ids one decode step at a time, and
-prints the timings. ``"quit"`` (or end of input) prints the peak GPU memory and exits; the parent
-reads this process's peak RSS from ``os.wait4``, so it counts this engine and model alone.
+prints the timings. ``"quit"`` (or end of input) prints the peak RSS (VmHWM: this engine and model
+alone) and peak GPU memory, and exits.
 
 A separate process per engine keeps the RSS of one model from polluting another's, and JSON (never
 pickle) is the only thing that crosses the boundary. The protocol uses a private copy of stdout:
@@ -80,6 +80,21 @@ def peak_gpu_mb(engine_name: str, device: str) -> float | None:
     return None
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Not the parent's ru_maxrss from wait4: Linux carries the parent's
+    RSS at fork into the child's maxrss across exec, so every child would report at least the parent's."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+
+
 def main() -> int:
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -117,7 +132,7 @@ def main() -> int:
         except SaapError as e:
             say({"ok": False, "error": str(e)})
             return 2
-    say({"peak_gpu_mb": peak_gpu_mb(config["engine"], settings.device)})
+    say({"peak_gpu_mb": peak_gpu_mb(config["engine"], settings.device), "peak_rss_mb": peak_rss_mb()})
     return 0
 
 
