@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/smollm2-135m.yaml
 
-.PHONY: setup test lint demo bench
+.PHONY: setup test lint demo bench bench-check
 
 setup: $(VENV)/.installed
 
@@ -15,8 +15,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint bench-check
 	$(BIN)/python -m pytest -q
+
+# Throughput regression check (~2-3 min on 2 cores): SmolLM2-135M dense vs SAAP 20 % on torch, interleaved,
+# against benchmarks/baselines/; --self-test also proves that a 2x slowdown of the pruned model fails it.
+bench-check: setup
+	$(BIN)/python benchmarks/check_regression.py --self-test
 
 demo: setup
 	$(BIN)/saap run $(CONFIG)
@@ -24,3 +29,4 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/prune_cost.py
 	$(BIN)/python benchmarks/prune_quality.py
+	$(BIN)/python benchmarks/throughput.py

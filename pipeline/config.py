@@ -26,6 +26,7 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     NOT_FLAGS: ClassVar[frozenset[str]] = frozenset()
+    COMMA_LISTS: ClassVar[bool] = False  # saap bench takes lists as one comma-separated value
 
     def flags(self) -> list[str]:
         """The section as command-line flags (None and False are left out; True is a bare flag)."""
@@ -37,7 +38,7 @@ class Section(BaseModel):
             if value is True:
                 args.append(flag)
             elif isinstance(value, list):
-                args += [flag, *map(str, value)]
+                args += [flag, ",".join(map(str, value))] if self.COMMA_LISTS else [flag, *map(str, value)]
             else:
                 args += [flag, str(value)]
         return args
@@ -107,16 +108,26 @@ class ExportConfig(Section):
 
 
 class BenchConfig(Section):
-    """``saap bench`` of the dense model against the final one (interleaved, same tokens)."""
+    """``saap bench`` of the dense model against the final one (interleaved, the same tokens).
+
+    ``onnx_precision`` / ``gguf_quant`` default to the export section's lists.
+    """
 
     NOT_FLAGS: ClassVar[frozenset[str]] = frozenset({"enabled"})
+    COMMA_LISTS: ClassVar[bool] = True
     enabled: bool = True
-    target: str | None = None  # benchmarks/targets/<target>.yaml; overrides engines/threads
-    engines: list[str] = Field(default_factory=lambda: ["torch", "onnx", "gguf"])
+    target: str | None = None  # benchmarks/targets/<target>.yaml: engines, devices, threads, quantizations
+    engines: list[Literal["torch", "onnx", "gguf"]] = Field(default_factory=lambda: ["torch", "onnx", "gguf"])
+    devices: list[str] = Field(default_factory=lambda: ["cpu"])
+    threads: list[int] | None = None  # default: physical cores
+    onnx_precision: list[Literal[ONNX_PRECISIONS]] | None = None
+    gguf_quant: list[Literal[GGUF_QUANTS]] | None = None
     prompt_tokens: list[int] = Field(default_factory=lambda: [128])
     gen_tokens: int = 64
     repeats: int = 3
-    threads: int | None = None
+    warmup: int = 1
+    n_gpu_layers: int | None = None
+    llamacpp_reference: bool = False
 
 
 class RunConfig(BaseModel):

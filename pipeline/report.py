@@ -59,47 +59,37 @@ def layers_chart(before: list[dict], after: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-def throughput_chart(rows: list[dict]) -> bytes | None:
-    """Decode tokens/s per engine and quantization, one bar per model."""
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    configs = sorted({r["setup"] for r in rows})
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for m, model in enumerate(models):
-        values = [next((r["decode"] for r in rows if r["setup"] == c and r["model"] == model), 0) for c in configs]
-        ax.bar([i + m * width for i in range(len(configs))], values, width, label=model)
-    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(configs))], configs, rotation=20)
-    ax.set_ylabel("decode tokens/s")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def throughput_rows(bench: dict | None) -> list[dict]:
-    """Flatten ``saap bench``'s JSON into one row per (model, engine, quantization, prompt length)."""
+    """``saap bench``'s results flattened to one row per (model, engine, quantization, prompt length)."""
     rows = []
     for r in (bench or {}).get("results", []):
-        decode = r.get("decode_tokens_per_s") or {}
-        prefill = r.get("prefill_tokens_per_s") or {}
+        for prompt, m in (r.get("by_prompt") or {}).items():
+            rows.append(
+                {
+                    "model": r["model"],
+                    "setup": f"{r['engine']} {r.get('quant') or ''}".strip(),
+                    "prompt_tokens": prompt,
+                    "prefill": (m.get("prefill_tok_s") or {}).get("median"),
+                    "decode": (m.get("decode_tok_s") or {}).get("median"),
+                    "ttft_ms": (m.get("ttft_ms") or {}).get("median"),
+                    "artifact_bytes": r.get("artifact_bytes"),
+                }
+            )
+    return rows
+
+
+def speedup_rows(bench: dict | None) -> list[list[str]]:
+    rows = []
+    for s in (bench or {}).get("speedups", []):
+        measured = (s.get("decode_speedup") or {}).get("median")
         rows.append(
-            {
-                "model": Path(str(r.get("model", "?"))).name,
-                "setup": f"{r.get('engine', '?')} {r.get('quantization') or ''}".strip(),
-                "prompt_tokens": r.get("prompt_tokens"),
-                "decode": decode.get("median") if isinstance(decode, dict) else decode,
-                "prefill": prefill.get("median") if isinstance(prefill, dict) else prefill,
-                "peak_rss_mb": r.get("peak_rss_mb"),
-            }
+            [
+                s["model"],
+                f"{s['engine']} {s.get('quant') or ''}".strip(),
+                _fmt(measured, 3),
+                _fmt(s.get("ideal_speedup"), 3),
+                _fmt(s.get("efficiency"), 2),
+            ]
         )
     return rows
 
@@ -249,11 +239,28 @@ def build_markdown(data: dict, config: RunConfig, charts: dict[str, str]) -> str
     throughput = throughput_rows(data["bench"])
     if throughput:
         rows = [
-            [r["model"], r["setup"], r["prompt_tokens"], _fmt(r["prefill"], 1), _fmt(r["decode"], 1), r["peak_rss_mb"]]
+            [
+                r["model"],
+                r["setup"],
+                r["prompt_tokens"],
+                _fmt(r["prefill"], 1),
+                _fmt(r["decode"], 1),
+                _fmt(r["ttft_ms"], 0),
+                _mib(r["artifact_bytes"]) if r["artifact_bytes"] else "–",
+            ]
             for r in throughput
         ]
         lines += ["## Throughput", ""]
-        lines += _table(["model", "engine", "prompt tokens", "prefill tok/s", "decode tok/s", "peak RSS MB"], rows)
+        header = ["model", "engine", "prompt tokens", "prefill tok/s", "decode tok/s", "TTFT ms", "file"]
+        lines += _table(header, rows)
+        speedups = speedup_rows(data["bench"])
+        if speedups:
+            lines += [
+                "Decode speed-up over the dense model, measured interleaved in one run, against the ideal",
+                "from weight bytes read per token:",
+                "",
+            ]
+            lines += _table(["model", "engine", "measured", "ideal", "efficiency"], speedups)
         if "throughput" in charts:
             lines += [f"![decode tokens/s]({charts['throughput']})", ""]
     if data["artifacts"]:
@@ -360,9 +367,9 @@ def write_report(run_dir: Path, out: Path, config: RunConfig, records: dict[str,
         )
     elif source.get("layers"):
         images["report/layers.png"] = layers_chart(source["layers"], source["layers"])
-    chart = throughput_chart(throughput_rows(data["bench"]))
-    if chart:
-        images["report/throughput.png"] = chart
+    bench_chart = run_dir / "bench" / "bench.png"  # saap bench draws its own chart
+    if data["bench"] and bench_chart.is_file():
+        images["report/throughput.png"] = bench_chart.read_bytes()
     charts = {Path(k).stem: k for k in images}
     markdown = build_markdown(data, config, charts)
     for name, png in images.items():

@@ -269,9 +269,19 @@ def _bench_inputs(ctx: Context) -> dict[str, dict[str, str]]:
     return {"dense": ctx.upstream("load", "source.json"), "model": ctx.upstream(ctx.final_stage, "model")}
 
 
+def _bench_section(ctx: Context):
+    bench = ctx.config.bench.model_copy()
+    if bench.target is None:  # measure what the export stages produced, unless a target says otherwise
+        if "onnx" in bench.engines:
+            bench.onnx_precision = bench.onnx_precision or ctx.config.export.onnx or None
+        if "gguf" in bench.engines:
+            bench.gguf_quant = bench.gguf_quant or ctx.config.export.gguf or None
+    return bench
+
+
 def _bench_run(ctx: Context, out: Path) -> list[dict]:
     models = [ctx.config.model, ctx.final_model]
-    return [_command(["bench", "--models", *models, *ctx.config.bench.flags(), "--out", out / "bench.json"])]
+    return [_command(["bench", "--models", *models, *_bench_section(ctx).flags(), "--out", out / "bench.json"])]
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -320,7 +330,13 @@ PIPELINE = [
         _export_gguf_run,
         lambda ctx: bool(ctx.config.export.gguf),
     ),
-    Stage("bench", _bench_inputs, _settings_of("bench"), _bench_run, lambda ctx: ctx.config.bench.enabled),
+    Stage(
+        "bench",
+        _bench_inputs,
+        lambda ctx: _bench_section(ctx).model_dump(),
+        _bench_run,
+        lambda ctx: ctx.config.bench.enabled,
+    ),
     Stage("report", _report_inputs, lambda ctx: {"name": ctx.config.name}, _report_run),
 ]
 assert tuple(s.name for s in PIPELINE) == STAGES

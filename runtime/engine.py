@@ -26,10 +26,10 @@ ENGINES = ("torch", "onnx", "gguf")
 
 @dataclass
 class EngineSettings:
-    device: str = "cpu"  # cpu | cuda | mps (torch) | tensorrt (onnx)
+    device: str = "cpu"  # cpu | cuda | mps (torch) | tensorrt (onnx) | metal, gpu (gguf: offloads all layers)
     threads: int | None = None  # None: the runtime's default (usually all physical cores)
     n_ctx: int = 2048  # llama.cpp context size
-    n_gpu_layers: int = 0  # llama.cpp offload; -1 = all layers
+    n_gpu_layers: int = 0  # llama.cpp offload; -1 = all layers (the default on a GPU device)
 
 
 class Engine(ABC):

@@ -40,6 +40,32 @@ def check_gguf_file(path: Path) -> None:
         raise SaapError(f"'{path}' is not a valid GGUF file (truncated or corrupt?): {e}") from None
 
 
+GGUF_DEVICES = ("cpu", "cuda", "metal", "gpu")  # gpu: whichever backend this llama.cpp build offloads to
+REBUILD_HINT = {
+    "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python',
+    "metal": 'CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-cache-dir llama-cpp-python',
+}
+
+
+def gpu_layers(settings: EngineSettings, supports_offload: bool) -> int:
+    """Layers to offload for ``settings``: 0 on the CPU, all (-1) by default on a GPU device.
+
+    A GPU device or a non-zero ``n_gpu_layers`` on a build without offload is an error, not a CPU run.
+    """
+    if settings.device not in GGUF_DEVICES:
+        raise SaapError(f"the gguf engine runs on {', '.join(GGUF_DEVICES)}, not '{settings.device}'")
+    layers = settings.n_gpu_layers
+    if settings.device != "cpu" and layers == 0:
+        layers = -1
+    if layers != 0 and not supports_offload:
+        backend = settings.device if settings.device in REBUILD_HINT else "cuda"
+        raise SaapError(
+            f"this llama-cpp-python was built without GPU offload ({backend.upper()}), so device "
+            f"'{settings.device}' / n_gpu_layers={layers} cannot run; reinstall it with {REBUILD_HINT[backend]}"
+        )
+    return layers
+
+
 class GgufEngine(Engine):
     name = "gguf"
 
@@ -50,11 +76,7 @@ class GgufEngine(Engine):
             raise SaapError("the gguf engine needs llama-cpp-python: pip install llama-cpp-python") from None
         model_path = Path(path).expanduser()
         check_gguf_file(model_path)
-        if settings.n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
-            raise SaapError(
-                "this llama-cpp-python was built without GPU offload (n_gpu_layers must be 0); reinstall it with "
-                'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
-            )
+        n_gpu_layers = gpu_layers(settings, llama_cpp.llama_supports_gpu_offload())
         # llama-cpp-python routes llama.cpp's log through Python's stderr; with verbose=False it discards
         # the load log, and with it the reason a load failed. So load verbosely into a buffer, keep the
         # error lines for the message, and silence the log afterwards.
@@ -66,7 +88,7 @@ class GgufEngine(Engine):
                     n_ctx=settings.n_ctx,
                     n_threads=settings.threads,
                     n_threads_batch=settings.threads,  # prefill; llama-cpp-python's default is every core
-                    n_gpu_layers=settings.n_gpu_layers,
+                    n_gpu_layers=n_gpu_layers,
                     logits_all=True,
                     verbose=True,
                 )

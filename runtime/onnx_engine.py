@@ -117,11 +117,12 @@ def create_session(model_file: Path, settings: EngineSettings):
             f"(available: {', '.join(available)}); install onnxruntime-gpu for device '{settings.device}'"
         )
     options = ort.SessionOptions()
+    providers = [(p, provider_options(p, model_file)) for p in wanted if p in available]
     if settings.threads:
         options.intra_op_num_threads = settings.threads
     options.log_severity_level = 3  # errors only: ORT's warnings are about graph fusions, not the user's input
     try:
-        session = ort.InferenceSession(str(model_file), options, providers=[p for p in wanted if p in available])
+        session = ort.InferenceSession(str(model_file), options, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/RuntimeException types
         raise SaapError(f"cannot load ONNX model '{model_file}': {_first_line(e)}") from None
     # A provider that failed to initialise (e.g. missing CUDA libraries) is dropped by ORT with only a warning.
@@ -131,6 +132,20 @@ def create_session(model_file: Path, settings: EngineSettings):
             f"for '{model_file}' (it would run on {', '.join(session.get_providers())})"
         )
     return session
+
+
+def provider_options(provider: str, model_file: Path) -> dict[str, str]:
+    """Per-provider options: TensorRT builds fp16 engines (cached beside the model, the build takes
+    minutes); the CUDA provider runs whatever precision the graph has (export fp16 for GPUs)."""
+    if provider == "TensorrtExecutionProvider":
+        return {
+            "trt_fp16_enable": "True",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(model_file.parent / "trt-cache"),
+        }
+    if provider == "CUDAExecutionProvider":
+        return {"device_id": "0"}
+    return {}
 
 
 class OnnxSession:

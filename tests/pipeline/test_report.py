@@ -43,22 +43,32 @@ def run_dir(tmp_path) -> Path:
     (run / "eval" / "dense.json").write_text(json.dumps(evaluation(20.0, 0.7)))
     (run / "eval" / "model.json").write_text(json.dumps(evaluation(30.0, 0.6)))
     (run / "bench").mkdir()
+    speed = {"128": {"decode_tok_s": {"median": 50.0}, "prefill_tok_s": {"median": 400.0}, "ttft_ms": {"median": 9.0}}}
     bench = {
         "results": [
+            {"model": "smollm2-135m", "engine": "gguf", "quant": "q8_0", "by_prompt": speed, "artifact_bytes": 2**20},
+            {"model": "model", "engine": "gguf", "quant": "q8_0", "by_prompt": speed, "artifact_bytes": 2**19},
+        ],
+        "speedups": [
             {
-                "model": "smollm2-135m",
+                "model": "model",
                 "engine": "gguf",
-                "quantization": "q8_0",
-                "decode_tokens_per_s": {"median": 50.0},
-            },
-            {
-                "model": "run/prune/model",
-                "engine": "gguf",
-                "quantization": "q8_0",
-                "decode_tokens_per_s": {"median": 60.0},
-            },
-        ]
+                "quant": "q8_0",
+                "decode_speedup": {"median": 1.2},
+                "ideal_speedup": 1.25,
+                "efficiency": 0.96,
+            }
+        ],
     }
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.bar([0, 1], [50, 60])
+    fig.savefig(run / "bench" / "bench.png")
+    plt.close(fig)
     (run / "bench" / "bench.json").write_text(json.dumps(bench))
     (run / "export-gguf").mkdir()
     (run / "export-gguf" / "model-q8_0.gguf").write_bytes(b"GGUF" + bytes(100))
@@ -81,16 +91,16 @@ def test_report_has_every_section(run_dir):
     assert f"llama-cli -m {run_dir / 'export-gguf' / 'model-q8_0.gguf'}" in markdown
     assert (run_dir / "report" / "layers.png").read_bytes()[:4] == b"\x89PNG"
     assert (run_dir / "report" / "throughput.png").is_file()
+    assert "| model | gguf q8_0 | 1.200 | 1.250 | 0.96 |" in markdown
     page = (run_dir / "report" / "report.html").read_text()
     assert page.count('class="chart"') == 2 and 'src="report/' not in page  # inlined, self-contained
 
 
 def test_helpers():
     assert quality_rows(None, evaluation(3.0, 0.5))[0] == ["wikitext2 perplexity ↓", "–", "3.00"]
-    rows = throughput_rows(
-        {"results": [{"model": "a/b", "engine": "onnx", "quantization": "int8", "decode_tokens_per_s": 9.0}]}
-    )
-    assert rows[0]["setup"] == "onnx int8" and rows[0]["decode"] == 9.0 and rows[0]["model"] == "b"
+    result = {"model": "b", "engine": "onnx", "quant": "int8", "by_prompt": {"32": {"decode_tok_s": {"median": 9.0}}}}
+    rows = throughput_rows({"results": [result]})
+    assert rows[0]["setup"] == "onnx int8" and rows[0]["decode"] == 9.0 and rows[0]["prompt_tokens"] == "32"
     page = markdown_to_html("# T\n\n| a | b |\n|---|---|\n| `x` | **y** |\n\n```bash\necho <hi>\n```", {}, "t")
     assert "<td><code>x</code></td><td><b>y</b></td>" in page and "echo &lt;hi&gt;" in page
 

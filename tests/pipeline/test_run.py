@@ -39,7 +39,7 @@ def write_config(root: Path, **changes) -> Path:
         "prune": {"method": "saap", "ratio": 0.2, "align": 4, "calibration": text, "num_samples": 2, "seq_len": 32},
         "eval": {"ppl": [text], "ppl_windows": 2, "seq_len": "32", "generate": True},
         "export": {"onnx": ["fp32"], "gguf": ["f16"]},
-        "bench": {"enabled": False},
+        "bench": {"engines": ["torch"], "prompt_tokens": [8], "gen_tokens": 4, "repeats": 1, "warmup": 0},
     }
     for section, values in changes.items():
         config[section] = {**config[section], **values}
@@ -60,9 +60,9 @@ def first_run(workspace) -> dict[str, str]:
 
 
 def test_every_stage_writes_a_verifiable_record(workspace, first_run):
-    assert first_run == {s: "off" if s in ("finetune", "bench") else "ran" for s in STAGES}
+    assert first_run == {s: "off" if s == "finetune" else "ran" for s in STAGES}
     run_dir = workspace / "artifacts" / "tiny"
-    for stage in ("load", "prune", "eval", "export-onnx", "export-gguf", "report"):
+    for stage in ("load", "prune", "eval", "export-onnx", "export-gguf", "bench", "report"):
         record = json.loads((run_dir / stage / STAGE_FILE).read_text())
         assert record["outputs"] == manifest(run_dir / stage) and record["outputs"]
         assert record["wall_s"] >= 0 and record["peak_rss_mb"] > 0
@@ -77,7 +77,17 @@ def test_every_stage_writes_a_verifiable_record(workspace, first_run):
     assert evaluation["params"] < dense["params"] and evaluation["generations"]
     assert (run_dir / "export-onnx" / "fp32").is_dir() and (run_dir / "export-gguf" / "model-f16.gguf").is_file()
     report = (run_dir / "report.md").read_text()
-    for heading in ("## Size", "## Layers", "## Quality", "## Generations", "## Artifacts", "llama-cli -m"):
+    bench = json.loads((run_dir / "bench" / "bench.json").read_text())
+    assert bench["speedups"] and bench["speedups"][0]["engine"] == "torch"  # pruned vs its dense parent
+    for heading in (
+        "## Size",
+        "## Layers",
+        "## Quality",
+        "## Generations",
+        "## Throughput",
+        "## Artifacts",
+        "llama-cli",
+    ):
         assert heading in report
     assert (run_dir / "report" / "layers.png").is_file() and (run_dir / "report.html").is_file()
     assert not list(run_dir.glob(".*"))  # no temporary directories left
@@ -85,7 +95,7 @@ def test_every_stage_writes_a_verifiable_record(workspace, first_run):
 
 def test_rerun_skips_every_stage(workspace, first_run):
     statuses = run(write_config(workspace))
-    assert statuses == {s: "off" if s in ("finetune", "bench") else "skipped" for s in STAGES}
+    assert statuses == {s: "off" if s == "finetune" else "skipped" for s in STAGES}
 
 
 def test_changed_setting_reruns_its_stage_and_what_depends_on_it(workspace, first_run):

@@ -1,0 +1,308 @@
+"""``saap bench``: the math (medians, paired ratios, ideal bytes), the regression check, bad input, and
+one tiny end-to-end run per engine."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from pipeline import bench
+from pipeline.bench import (
+    BenchSettings,
+    compare,
+    flatten_metrics,
+    format_regressions,
+    gguf_decode_bytes,
+    onnx_decode_bytes,
+    paired_speedup,
+    summarize,
+    torch_decode_bytes,
+)
+from pipeline.cli import main
+from runtime.checkpoint import save_checkpoint
+from runtime.errors import SaapError
+from runtime.surgery import decode_parameter_count, layer_shapes
+from tests.conftest import make_model
+from tests.runtime.test_surgery import slice_groups
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tokenizer):
+    """A tiny dense checkpoint and a pruned child whose saap.json names it as the source."""
+    root = tmp_path_factory.mktemp("bench")
+    dense = make_model(heads=4, kv_heads=2, layers=3, intermediate=128)
+    save_checkpoint(dense, tokenizer, root / "dense", {"kind": "dense"})
+    pruned = slice_groups(dense, {0: [0]}, {1: list(range(64)), 2: list(range(32))})
+    source = {"name": str(root / "dense"), "format": "saap", "path": str(root / "dense")}
+    save_checkpoint(pruned, tokenizer, root / "pruned", {"kind": "pruned", "source": source})
+    return root / "dense", root / "pruned", dense, pruned
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SAAP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "saap-cache"))
+
+
+# --- math ----------------------------------------------------------------------------------------------
+
+
+def test_summarize_is_median_min_max():
+    assert summarize([3.0, 1.0, 10.0, 2.0, 4.0]) == {"median": 3.0, "min": 1.0, "max": 10.0}
+    assert summarize([1.0, 2.0]) == {"median": 1.5, "min": 1.0, "max": 2.0}
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_paired_speedup_is_the_median_of_per_repeat_ratios():
+    # Machine noise scales both models of a repeat alike: the paired ratio cancels it.
+    dense = [100.0, 50.0, 100.0]
+    pruned = [125.0, 62.5, 125.0]
+    assert paired_speedup(pruned, dense) == {"median": 1.25, "min": 1.25, "max": 1.25}
+    with pytest.raises(ValueError):
+        paired_speedup([1.0], [1.0, 2.0])
+
+
+def test_decode_bytes_read_the_output_projection_but_one_embedding_row():
+    tied = [("token_embd.weight", 1000, 10), ("blk.0.attn_q.weight", 300, 4), ("output_norm.weight", 16, 1)]
+    assert gguf_decode_bytes(tied) == 1316  # tied: the table is the output projection, read whole
+    untied = [*tied, ("output.weight", 1000, 10)]
+    assert gguf_decode_bytes(untied) == 1316 + 100  # + one row of the separate embedding table
+    sizes = {"embed": 1000, "w": 300, "head": 1000}
+    consumers = {"embed": {"Gather"}, "w": {"MatMul"}, "head": {"MatMul"}}
+    assert onnx_decode_bytes(sizes, consumers) == 1300
+    assert onnx_decode_bytes(sizes, consumers | {"embed": {"GatherBlockQuantized", "MatMulNBits"}}) == 2300
+
+
+def test_torch_decode_bytes_and_ideal_ratio_follow_decode_parameter_count(pair):
+    _, _, dense, pruned = pair
+    for model in (dense, pruned):
+        assert torch_decode_bytes(model.config) == 4 * decode_parameter_count(model.config, layer_shapes(model.config))
+    assert torch_decode_bytes(dense.config) > torch_decode_bytes(pruned.config)
+    assert bench.total_parameter_count(pruned.config) == sum(
+        p.numel() for n, p in pruned.named_parameters() if n != "lm_head.weight"
+    )
+
+
+def test_gguf_config_reads_per_layer_shapes(pair, tmp_path):
+    from export.gguf import export_gguf
+
+    _, pruned_dir, _, pruned = pair
+    out = tmp_path / "p.gguf"
+    export_gguf(str(pruned_dir), out, "f32", progress=False)
+    config = bench.gguf_config(out)
+    assert layer_shapes(config) == layer_shapes(pruned.config)
+    assert bench.total_parameter_count(config) == bench.total_parameter_count(pruned.config)
+    # f32 file: every weight read per token is 4 bytes, as torch's count says (which adds the one
+    # embedding row that, tied, is already inside the output projection)
+    read = bench.decode_bytes(bench.RunConfig("gguf", "cpu", "f32", 1), out, None)
+    assert read == torch_decode_bytes(pruned.config) - 4 * pruned.config.hidden_size
+
+
+# --- regression check ----------------------------------------------------------------------------------
+
+
+def _doc(speedup=1.25, decode=100.0, size=1000, fingerprint="abc", params=10):
+    result = {
+        "model": "pruned",
+        "engine": "torch",
+        "device": "cpu",
+        "quant": "fp32",
+        "threads": 2,
+        "artifact_bytes": size,
+        "decode_weight_bytes": size,
+        "peak_rss_mb": 500.0,
+        "by_prompt": {
+            "16": {
+                "decode_tok_s": {"median": decode, "min": decode, "max": decode},
+                "prefill_tok_s": {"median": 1000.0, "min": 1000.0, "max": 1000.0},
+                "ttft_ms": {"median": 16.0, "min": 16.0, "max": 16.0},
+            }
+        },
+    }
+    s = {
+        "model": "pruned",
+        "parent": "dense",
+        "engine": "torch",
+        "device": "cpu",
+        "quant": "fp32",
+        "threads": 2,
+        "prompt_tokens": 16,
+        "decode_speedup": {"median": speedup, "min": speedup, "max": speedup},
+        "ideal_speedup": 1.25,
+        "efficiency": round(speedup / 1.25, 4),
+    }
+    return {
+        "schema": bench.SCHEMA,
+        "environment": {"hardware_fingerprint": fingerprint},
+        "models": {"pruned": {"params": params}},
+        "results": [result],
+        "speedups": [s],
+    }
+
+
+def test_compare_passes_within_tolerance_and_on_improvement():
+    assert compare(_doc(speedup=1.2, decode=95.0), _doc(), 0.10) == []
+    assert compare(_doc(speedup=2.0, decode=300.0, size=500), _doc(), 0.10) == []
+
+
+def test_compare_flags_every_metric_beyond_tolerance():
+    regressions = compare(_doc(speedup=0.6, decode=50.0, size=1200, params=12), _doc(), 0.10)
+    names = {r["metric"].split(" pruned")[0] for r in regressions}
+    assert names == {"decode speed-up", "decode tok/s", "artifact bytes", "decode weight bytes", "params"}
+    text = format_regressions(regressions, 0.10)
+    assert "regressed beyond 10%" in text and "-52.0%" in text and "+20.0%" in text
+
+
+def test_compare_skips_absolute_speeds_on_other_hardware():
+    # 2x slower absolute decode on a different machine is not a regression; the speed-up ratio still is.
+    assert compare(_doc(decode=50.0, fingerprint="other"), _doc(), 0.10) == []
+    regressions = compare(_doc(speedup=0.6, decode=50.0, fingerprint="other"), _doc(), 0.10)
+    assert [r["metric"].split(" pruned")[0] for r in regressions] == ["decode speed-up"]
+    assert all(m.machine_independent for k, m in flatten_metrics(_doc()).items() if "speed-up" in k or "bytes" in k)
+
+
+def test_compare_reports_missing_metrics_and_rejects_bad_input():
+    current = _doc()
+    current["speedups"] = []
+    assert [r["current"] for r in compare(current, _doc(), 0.1)] == [None]
+    with pytest.raises(SaapError, match="tolerance"):
+        compare(_doc(), _doc(), 1.5)
+    with pytest.raises(SaapError, match="not a saap bench document"):
+        compare({"schema": "x"}, _doc(), 0.1)
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--engines", "tensorflow"], "unknown engine 'tensorflow'"),
+        (["--prompt-tokens", "0"], "--prompt-tokens must be positive"),
+        (["--prompt-tokens", "-5"], "--prompt-tokens must be positive"),
+        (["--gen-tokens", "0"], "--gen-tokens must be positive"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--engines", "gguf", "--gguf-quant", "q3_x"], "no quantization 'q3_x'"),
+        (["--devices", "tpu"], "not device 'tpu'"),
+        (["--target", "moon-base"], "unknown target 'moon-base'"),
+        (["--compare", "/nonexistent/baseline.json"], "baseline '/nonexistent/baseline.json' does not exist"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(pair, capsys, args, message):
+    dense, *_ = pair
+    assert main(["bench", "--models", str(dense), "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_missing_truncated_and_wrong_kind_artifacts_are_one_line_errors(pair, tmp_path, capsys):
+    from export.gguf import export_gguf
+
+    dense, *_ = pair
+    good = tmp_path / "m.gguf"
+    export_gguf(str(dense), good, "f32", progress=False)
+    truncated = tmp_path / "t.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cases = [
+        (["--models", str(tmp_path / "nope")], "does not exist"),
+        (["--models", str(truncated), "--engines", "gguf"], "truncated or corrupt"),
+        (["--models", str(good), "--engines", "onnx"], "GGUF artifact: it runs on engine gguf"),
+        (["--models", str(dense / "config.json")], "not a valid GGUF file"),
+    ]
+    for args, message in cases:
+        assert main(["bench", "--quiet", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_target_on_a_cpu_machine_is_a_one_line_error(pair, capsys):
+    dense, *_ = pair
+    for target in ("jetson-orin", "server-gpu"):
+        assert main(["bench", "--models", str(dense), "--target", target, "--engines", "torch,onnx,gguf"]) == 2
+        err = capsys.readouterr().err
+        assert f"target '{target}' needs" in err and err.count("\n") == 1, err
+
+
+def test_targets_describe_engines_devices_threads_and_quantizations():
+    assert {"laptop-cpu", "jetson-orin", "server-gpu"} <= set(bench.list_targets())
+    runs = bench.plan(BenchSettings(models=["x"], engines=["torch", "onnx", "gguf"], target="jetson-orin"))
+    assert {(r.engine, r.device) for r in runs} >= {("onnx", "cuda"), ("gguf", "cuda")}
+    assert all(r.n_gpu_layers == -1 for r in runs if r.engine == "gguf")
+    assert any(r.quant == "fp16" for r in runs if r.engine == "onnx")
+    laptop = bench.plan(BenchSettings(models=["x"], engines=["torch", "onnx", "gguf"], target="laptop-cpu"))
+    assert {r.device for r in laptop} == {"cpu"} and {r.threads for r in laptop} == {bench.physical_cores()}
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+
+
+def test_bench_end_to_end_on_all_engines(pair, tmp_path, capsys):
+    dense, pruned, *_ = pair
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--models", str(dense), str(pruned), "--engines", "torch,onnx,gguf", "--threads", "1"]
+    argv += ["--gguf-quant", "f32,q8_0", "--prompt-tokens", "8,16", "--gen-tokens", "4", "--repeats", "2"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "decode tok/s" in printed and "wrote" in printed
+    doc = json.loads(out.read_text())
+    assert out.with_suffix(".md").read_text().startswith("# saap bench")
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert doc["models"]["pruned"]["parent"] == "dense"
+    assert {(r["engine"], r["quant"]) for r in doc["results"]} == {
+        ("torch", "fp32"),
+        ("onnx", "fp32"),
+        ("gguf", "f32"),
+        ("gguf", "q8_0"),
+    }
+    for r in doc["results"]:
+        assert r["peak_rss_mb"] > 50 and r["artifact_bytes"] > 0 and r["decode_weight_bytes"] > 0
+        for p in ("8", "16"):
+            s = r["by_prompt"][p]
+            assert len(s["decode_tok_s_runs"]) == 2
+            assert s["decode_tok_s"]["min"] <= s["decode_tok_s"]["median"] <= s["decode_tok_s"]["max"]
+    assert len(doc["speedups"]) == 4 * 2  # every run and prompt length: pruned vs dense
+    ideal = {s["engine"] + s["quant"]: s["ideal_speedup"] for s in doc["speedups"]}
+    assert ideal["torchfp32"] == pytest.approx(ideal["gguff32"], rel=1e-3)  # same bytes at 4 bytes/weight
+    assert ideal["torchfp32"] == pytest.approx(ideal["onnxfp32"], rel=0.02)
+    env = doc["environment"]
+    assert env["cpu"] and env["threads_used"] == [1] and env["hardware_fingerprint"] and env["libraries"]["torch"]
+    # a second run reuses the exports; the document compares clean against itself
+    assert compare(doc, copy.deepcopy(doc), 0.0) == []
+
+
+def test_injected_slowdown_fails_the_regression_check(pair, tmp_path, monkeypatch, capsys):
+    dense, pruned, *_ = pair
+    argv = ["bench", "--models", str(dense), str(pruned), "--threads", "1", "--prompt-tokens", "4"]
+    argv += ["--gen-tokens", "24", "--repeats", "3", "--quiet"]
+    baseline = tmp_path / "baseline.json"
+    assert main([*argv, "--out", str(baseline)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv(bench.SLOWDOWN_ENV, "2")
+    assert main([*argv, "--compare", str(baseline), "--tolerance", "0.3"]) == 1
+    out = capsys.readouterr().out
+    assert "regressed beyond 30%" in out and "decode speed-up pruned vs dense" in out
+
+
+def test_check_regression_script_passes_fails_and_ignores_other_hardware(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.bench import PROJECT
+
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(_doc()))
+
+    def check(doc: dict) -> subprocess.CompletedProcess:
+        current = tmp_path / "current.json"
+        current.write_text(json.dumps(doc))
+        script = PROJECT / "benchmarks" / "check_regression.py"
+        argv = [sys.executable, str(script), "--current", str(current), "--baseline", str(baseline)]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+
+    assert check(_doc(speedup=1.1)).returncode == 0
+    failed = check(_doc(speedup=0.6))  # the pruned model lost half its lead: a 2x slowdown
+    assert failed.returncode == 1 and "decode speed-up pruned vs dense" in failed.stdout
+    assert check(_doc(decode=10.0, fingerprint="elsewhere")).returncode == 0  # absolute speeds not compared
