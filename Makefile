@@ -25,4 +25,4 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/prune_cost.py
-	$(BIN)/python benchmarks/prune_quality.py
+	$(BIN)/python benchmarks/quality.py

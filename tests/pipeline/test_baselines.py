@@ -242,3 +242,32 @@ def test_torch_pruning_reference_prunes_mlp_channels_and_saves(tokenizer, text_f
     save_checkpoint(model, tokenizer, tmp_path / "tp", record)
     reloaded, _, _ = load_checkpoint(tmp_path / "tp")
     assert torch.allclose(logits(reloaded), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_flap_compensation_biases_survive_the_exports(tokenizer, text_file, tmp_path, fmt):
+    import numpy as np
+
+    from runtime.engine import EngineSettings, load_engine
+
+    model = make_model(heads=4, kv_heads=2, layers=4, intermediate=256, head_dim=16)
+    record = run(model, tokenizer, text_file, "flap", ratio=0.3)
+    assert any(
+        layer.mlp.down_proj.bias.abs().sum() > 0 for layer in model.model.layers if hasattr(layer.mlp, "down_proj")
+    )
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", record)
+    if fmt == "gguf":
+        from export.gguf import export_gguf
+
+        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f32", progress=False)
+        exported = load_engine("gguf", str(tmp_path / "m.gguf"), EngineSettings(threads=1))
+        bound = 2e-2  # llama.cpp's default f16 KV cache
+    else:
+        from export.onnx import export_onnx
+
+        export_onnx(tmp_path / "ckpt", tmp_path / "onnx", progress=False)
+        exported = load_engine("onnx", str(tmp_path / "onnx"), EngineSettings(threads=1))
+        bound = 1e-3
+    reference = load_engine("torch", str(tmp_path / "ckpt"), EngineSettings(threads=1))
+    prompt = [5, 9, 17, 33, 2, 40, 7]
+    assert float(np.abs(exported.prefill(prompt) - reference.prefill(prompt)).max()) <= bound
