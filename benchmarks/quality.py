@@ -145,7 +145,7 @@ def plot(data: dict, path: Path) -> None:
     methods = sorted({c["method"] for c in data["cells"] if c["ratio"] is not None})
     panels = [("wikitext2 perplexity (log)", lambda c: c["perplexity"]["wikitext2"]["value"])]
     if has_zeroshot:
-        panels.append(("7-task average accuracy", lambda c: c["zeroshot"]["average"]))
+        panels.append((f"{len(data['settings']['tasks'])}-task average accuracy", lambda c: c["zeroshot"]["average"]))
     for ax, (label, value) in zip(axes[0], panels, strict=True):
         for method in methods:
             cells = sorted((c for c in data["cells"] if c["method"] == method), key=lambda c: -c["params"])

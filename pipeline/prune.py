@@ -181,7 +181,7 @@ def uniform_plan(config, shapes: list[LayerShape], layers: range, ratio: float, 
     hd = head_dim(config)
     reference = shapes[layers[0]]
     if any(shapes[i] != reference for i in layers):
-        raise SaapError("the llm-pruner method needs equal layer shapes in the pruned range")
+        raise SaapError("uniform pruning needs equal layer shapes in the pruned range")
     kept_groups = [
         k for k in range(1, reference.num_key_value_heads + 1) if (k * reference.queries_per_kv_head * hd) % align == 0
     ]
