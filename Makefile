@@ -28,5 +28,5 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/prune_cost.py
-	$(BIN)/python benchmarks/prune_quality.py
+	$(BIN)/python benchmarks/quality.py
 	$(BIN)/python benchmarks/throughput.py

@@ -16,16 +16,19 @@ RESULTS = PROJECT / "benchmarks" / "results"
 
 def run_saap(*args: str) -> dict:
     """Run ``saap ARGS`` in a child process; return its wall time (s), peak RSS (MB) and stdout."""
+    return run_python("-m", "pipeline.cli", *args)
+
+
+def run_python(*args: str) -> dict:
+    """Run ``python ARGS`` in a child process in the project; wall time (s), peak RSS (MB), stdout."""
     started = time.perf_counter()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=PROJECT, stdout=subprocess.PIPE, text=True
-    )
+    child = subprocess.Popen([sys.executable, *args], cwd=PROJECT, stdout=subprocess.PIPE, text=True)
     stdout = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
-        raise SystemExit(f"saap {' '.join(args)} failed with exit code {child.returncode}")
+        raise SystemExit(f"python {' '.join(args)} failed with exit code {child.returncode}")
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "stdout": stdout.strip()}
 
 

@@ -54,6 +54,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
         ablation=args.ablation,
         search=args.search,
         fluctuation_weight=args.fluctuation_weight,
+        bias_compensation=not args.no_bias_compensation,
+        device_map=args.device_map,
     )
     # Fail on bad input before the (slow) model load.
     if Path(args.out).exists() and not args.overwrite:
@@ -257,10 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-params", type=int, help="budget as parameters to keep (instead of --ratio)")
     p.add_argument("--target-decode-bytes", type=int, help="budget as float32 weight bytes read per token")
     p.add_argument("--method", default="llm-pruner", choices=sorted(METHODS))
-    p.add_argument("--importance", choices=sorted(ESTIMATORS), help="override the method's importance estimator")
+    p.add_argument("--importance", choices=sorted(ESTIMATORS), help="llm-pruner: override its importance estimator")
     p.add_argument("--ablation", default="fused", help="saap importance: fused | sum | vector | element")
     p.add_argument("--search", default="adaptive", help="saap structure search: adaptive | uniform")
     p.add_argument("--fluctuation-weight", type=float, default=1.0, help="saap: weight of module fluctuation")
+    p.add_argument(
+        "--no-bias-compensation", action="store_true", help="flap: do not add the removed channels' mean to the biases"
+    )
+    p.add_argument(
+        "--device-map", choices=["auto"], help="spread the model over all devices for estimation (accelerate)"
+    )
     p.add_argument("--align", type=int, default=32, help="kept MLP widths and q-head widths are multiples of this")
     p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="text/jsonl/json calibration file")
     p.add_argument("--num-samples", type=int, default=32, help="calibration sequences")

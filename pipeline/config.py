@@ -47,7 +47,7 @@ class Section(BaseModel):
 class PruneConfig(Section):
     """``saap prune``: the method and the budget (one of ratio, target_params, target_decode_bytes)."""
 
-    method: str = "saap"
+    method: str = "saap"  # saap | llm-pruner | flap | wanda-sp | shortgpt | magnitude | random
     ratio: float | None = None
     target_params: int | None = None
     target_decode_bytes: int | None = None
@@ -61,6 +61,8 @@ class PruneConfig(Section):
     seq_len: int = 128
     batch_size: int = 1
     seed: int = 0
+    no_bias_compensation: bool = False  # flap: keep o_proj/down_proj without the compensating bias
+    device_map: Literal["auto"] | None = None  # spread importance estimation over all GPUs (accelerate)
 
 
 class FinetuneConfig(Section):
@@ -205,7 +207,8 @@ def check_semantics(config: RunConfig, name: str) -> None:
         "prune.ratio",
     )
     try:
-        settings = PruneSettings(**prune.model_dump(exclude={"calibration"}))
+        fields = prune.model_dump(exclude={"calibration", "no_bias_compensation"})
+        settings = PruneSettings(**fields, bias_compensation=not prune.no_bias_compensation)
     except SaapError as e:  # its messages name CLI flags: --num-samples is prune.num_samples here
         flag = re.search(r"--([a-z-]+)", str(e))
         key = f"prune.{flag.group(1).replace('-', '_')}" if flag else "prune.method"

@@ -93,18 +93,21 @@ def accumulate_gradients(model: nn.Module, batches: list[torch.Tensor], progress
     """Sum the language-model loss gradient of every calibration batch into the prunable weights.
 
     Only the prunable linears require grad (embeddings, norms and lm_head stay frozen), and .grad
-    itself is the accumulator, so memory stays near one forward+backward of one batch.
+    itself is the accumulator, so memory stays near one forward+backward of one batch. Each batch's
+    mean loss is weighted by its share of the samples, so the result is the gradient of the mean
+    loss over all samples whatever the batch size (equal-length windows: every token counts once).
     """
     model.requires_grad_(False)
     for layer in model.model.layers:
         for linear in prunable_linears(layer).values():
             linear.weight.requires_grad_(True)
             linear.weight.grad = None
-    device = next(model.parameters()).device
+    device = model.model.embed_tokens.weight.device  # the first device under a device map
+    samples = sum(len(b) for b in batches)
     for batch in tqdm(batches, desc="calibration gradients", unit="batch", disable=not progress):
         batch = batch.to(device)
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
+        (loss * (len(batch) / samples)).backward()
 
 
 def score_groups(

@@ -5,6 +5,15 @@ element-wise first-order Taylor importance summed over each group, the same prun
 every layer of a middle range (layers 4-30 of LLaMA-7B's 32, scaled to the model's depth), with
 that per-layer ratio solved so the whole model (embeddings included) loses ``ratio`` of its
 parameters.
+
+``--method magnitude`` / ``random`` are the same uniform recipe with the L2-magnitude / random
+estimator (no calibration). ``flap``, ``wanda-sp`` and ``shortgpt`` live in ``pipeline.baselines``
+(their choices are documented there); ``saap`` in ``pipeline.saap``. All share the budget below,
+the calibration batches and ``runtime.surgery``.
+
+``--device-map auto`` dispatches the model over the available devices with accelerate for the
+importance estimation (hooks and gradients follow each module's device), then gathers the pruned
+model back on the CPU for saving.
 """
 
 from __future__ import annotations
@@ -31,7 +40,17 @@ from runtime.surgery import (
     shrink_layer,
 )
 
-METHODS = {"llm-pruner": {"importance": "taylor-element"}, "saap": {"importance": "saap"}}
+# method -> its importance estimator and its layer-shape search
+METHODS = {
+    "llm-pruner": {"importance": "taylor-element", "plan": "uniform"},
+    "magnitude": {"importance": "magnitude", "plan": "uniform"},
+    "random": {"importance": "random", "plan": "uniform"},
+    "wanda-sp": {"importance": "wanda-sp", "plan": "uniform-all-layers"},
+    "flap": {"importance": "flap", "plan": "global-threshold"},
+    "shortgpt": {"importance": "block-influence", "plan": "whole-layers"},
+    "saap": {"importance": "saap", "plan": "adaptive"},
+}
+DEVICE_MAPS = ("auto",)
 RATIO_TOLERANCE = 0.01  # achieved fraction of removed parameters must be within this of --ratio
 DTYPE_BYTES = 4  # checkpoints are float32: 4 bytes per weight read
 
@@ -52,6 +71,8 @@ class PruneSettings:
     ablation: str = "fused"  # saap: fused | sum | vector | element
     search: str = "adaptive"  # saap: adaptive | uniform
     fluctuation_weight: float = 1.0  # saap: lambda in priority x (1 + lambda * CV)
+    bias_compensation: bool = True  # flap: fold removed channels' mean output into o_proj/down_proj biases
+    device_map: str | None = None  # "auto": dispatch over the available devices for estimation
 
     def __post_init__(self):
         from pipeline.saap import ABLATIONS, SEARCHES
@@ -73,8 +94,11 @@ class PruneSettings:
             self.importance = METHODS[self.method]["importance"]
         if self.method == "llm-pruner" and self.importance not in ESTIMATORS:
             raise SaapError(f"unknown importance '{self.importance}' (choose from {', '.join(ESTIMATORS)})")
-        if self.method == "saap" and self.importance != "saap":
-            raise SaapError("--importance does not apply to --method saap (use --ablation)")
+        if self.method != "llm-pruner" and self.importance != METHODS[self.method]["importance"]:
+            hint = " (use --ablation)" if self.method == "saap" else ""
+            raise SaapError(f"--importance does not apply to --method {self.method}{hint}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise SaapError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got '{self.device_map}'")
         if self.ablation not in ABLATIONS or self.search not in SEARCHES:
             raise SaapError(f"--ablation is one of {', '.join(ABLATIONS)}; --search one of {', '.join(SEARCHES)}")
         if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
@@ -82,7 +106,42 @@ class PruneSettings:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "saap" or self.importance in ("taylor-vector", "taylor-element")
+        return self.method in ("saap", "flap", "wanda-sp", "shortgpt") or self.importance in (
+            "taylor-vector",
+            "taylor-element",
+        )
+
+
+def dispatch(model: nn.Module, device_map: str | dict = "auto", force_hooks: bool = False) -> dict:
+    """Spread ``model`` over the available devices with accelerate (whole decoder layers per device).
+
+    Importance estimation needs every weight resident (gradients and hooks on real tensors), so a
+    map that would offload to CPU-behind-GPU or disk is refused; on a CPU-only machine everything
+    stays on the CPU. Returns the device map used.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = [type(model.model.layers[0]).__name__]
+    if device_map == "auto":
+        max_memory = get_balanced_memory(model, no_split_module_classes=no_split)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    devices = {str(d) for d in device_map.values()}
+    if "disk" in devices or ("cpu" in devices and len(devices) > 1):
+        raise SaapError(
+            f"--device-map auto would offload part of the model to {'disk' if 'disk' in devices else 'CPU'}; "
+            "importance estimation needs every weight on an accelerator (add devices or use a smaller model)"
+        )
+    dispatch_model(model, device_map=device_map, force_hooks=force_hooks)
+    return {k: str(v) for k, v in device_map.items()}
+
+
+def gather(model: nn.Module) -> None:
+    """Undo ``dispatch``: drop accelerate's hooks and bring every tensor to the CPU."""
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(model, recurse=True)
+    model.to("cpu")
 
 
 def parameters_to_remove(config, shapes: list[LayerShape], total: int, settings: PruneSettings) -> int:
@@ -122,7 +181,7 @@ def uniform_plan(config, shapes: list[LayerShape], layers: range, ratio: float, 
     hd = head_dim(config)
     reference = shapes[layers[0]]
     if any(shapes[i] != reference for i in layers):
-        raise SaapError("the llm-pruner method needs equal layer shapes in the pruned range")
+        raise SaapError("uniform pruning needs equal layer shapes in the pruned range")
     kept_groups = [
         k for k in range(1, reference.num_key_value_heads + 1) if (k * reference.queries_per_kv_head * hd) % align == 0
     ]
@@ -168,15 +227,18 @@ def shrink_model(model: nn.Module, scores: GroupScores, plan: list[LayerShape]) 
 
 def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -> dict:
     """Prune ``loaded.model`` in place; returns the provenance record for saap.json."""
-    from pipeline import saap
-
     model, config = loaded.model, loaded.model.config
     started = time.perf_counter()
     before_shapes = layer_shapes(config)
     total_before = model_parameter_count(model)
     remove = parameters_to_remove(config, before_shapes, total_before, settings)
-    layers = llm_pruner_layer_range(config.num_hidden_layers)
-    uniform = settings.method == "llm-pruner" or settings.search == "uniform"
+    kind = METHODS[settings.method]["plan"]
+    if kind == "uniform-all-layers":
+        layers = range(config.num_hidden_layers)
+    else:
+        layers = llm_pruner_layer_range(config.num_hidden_layers)
+    uniform = kind in ("uniform", "uniform-all-layers") or (settings.method == "saap" and settings.search == "uniform")
+    plan = None
     if uniform:  # plan first: an unreachable ratio fails before the expensive gradients
         plan, _ = uniform_plan(config, before_shapes, layers, remove / total_before, settings.align, total_before)
 
@@ -188,24 +250,15 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
         )
         calibration = {"path": str(path), "sha256": sha256_file(path)}
     record: dict = {}
-    if settings.method == "saap":
-        stats = saap.collect_statistics(model, batches, progress)
-        fused = saap.fuse(stats, settings.ablation)
-        cv = saap.fluctuation(fused)
-        scores = GroupScores(fused.groups["attention"], fused.groups["mlp"])
-        if not uniform:
-            plan = saap.adaptive_plan(
-                config, before_shapes, fused, cv, remove, settings.align, settings.fluctuation_weight
-            )
-        record["saap"] = {
-            "metric_noise": fused.noise,
-            "learned_sigma2": fused.sigma2,
-            "metric_weights": fused.weights,
-            "fluctuation_cv": cv,
-        }
-    else:
-        scores = score_groups(model, make_estimator(settings.importance, settings.seed), batches, progress)
-    shrink_model(model, scores, plan)
+    if settings.device_map:
+        record["device_map"] = dispatch(model, settings.device_map)
+    try:
+        scores, plan = _scores_and_plan(loaded, settings, batches, before_shapes, remove, plan,
+                                        record, progress)  # fmt: skip
+        shrink_model(model, scores, plan)
+    finally:
+        if settings.device_map:
+            gather(model)
 
     after_shapes = layer_shapes(config)
     total_after = model_parameter_count(model)
@@ -235,3 +288,49 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
         ],
         "prune_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _scores_and_plan(loaded, settings, batches, before_shapes, remove, plan, record, progress):
+    """Each method's group scores and kept shapes (``plan`` given: the uniform plan made up front)."""
+    from pipeline import baselines, saap
+
+    model, config = loaded.model, loaded.model.config
+    if settings.method in ("flap", "wanda-sp"):
+        stats = baselines.collect_input_stats(model, batches, progress)
+        if settings.method == "wanda-sp":
+            return baselines.wanda_sp_scores(model, stats), plan
+        scores = baselines.flap_scores(model, stats)
+        if settings.bias_compensation:
+            # The new biases (one hidden-size vector per o_proj / down_proj) count against the budget:
+            # plan with them in the config so that the final model meets the budget exactly.
+            extra = sum(config.hidden_size * (bool(s.num_key_value_heads) + bool(s.intermediate_size))
+                        for s in before_shapes)  # fmt: skip
+            config.output_bias = True
+            plan = baselines.threshold_plan(config, before_shapes, scores, remove + extra, settings.align)
+            dropped = baselines.compensate_bias(model, stats, scores, plan)
+        else:
+            plan = baselines.threshold_plan(config, before_shapes, scores, remove, settings.align)
+            dropped = []
+        record["flap"] = {"bias_compensation": settings.bias_compensation, "dropped_compensation": dropped}
+        return scores, plan
+    if settings.method == "shortgpt":
+        influence = baselines.block_influence(model, batches, progress)
+        record["shortgpt"] = {"block_influence": influence}
+        return baselines._empty_scores(model), baselines.shortgpt_plan(config, before_shapes, influence, remove)
+    if settings.method == "saap":
+        stats = saap.collect_statistics(model, batches, progress)
+        fused = saap.fuse(stats, settings.ablation)
+        cv = saap.fluctuation(fused)
+        scores = GroupScores(fused.groups["attention"], fused.groups["mlp"])
+        if plan is None:
+            plan = saap.adaptive_plan(
+                config, before_shapes, fused, cv, remove, settings.align, settings.fluctuation_weight
+            )
+        record["saap"] = {
+            "metric_noise": fused.noise,
+            "learned_sigma2": fused.sigma2,
+            "metric_weights": fused.weights,
+            "fluctuation_cv": cv,
+        }
+        return scores, plan
+    return score_groups(model, make_estimator(settings.importance, settings.seed), batches, progress), plan

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from runtime.errors import SaapError
-from runtime.surgery import head_dim, layer_shapes, reshape_empty_layer
+from runtime.surgery import has_output_bias, head_dim, layer_shapes, reshape_empty_layer
 
 METADATA_FILE = "saap.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -128,7 +128,7 @@ def load_checkpoint(
         model = LlamaForCausalLM(config)
     hd = head_dim(config)
     for layer, shape in zip(model.model.layers, layer_shapes(config), strict=True):
-        reshape_empty_layer(layer, shape, hd)
+        reshape_empty_layer(layer, shape, hd, has_output_bias(config))
 
     try:
         state = load_file(path / WEIGHTS_FILE)

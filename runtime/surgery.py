@@ -8,9 +8,12 @@ member forces the others out too.
   o_proj input columns of those query heads. For multi-head attention this is a single head.
 * MLP group c = intermediate channel c: gate/up row c and down_proj input column c.
 
-Embeddings, norms and lm_head are never touched. Both the pruner (slicing real weights) and the
-runtime loader (building empty modules at a checkpoint's shapes) go through this module, so the
-shapes a checkpoint declares are exactly the shapes the pruner wrote.
+Embeddings, norms and lm_head are never touched. A pruner may add a bias to o_proj and down_proj
+(FLAP's bias compensation): ``config.output_bias`` (a saap key, default false) says every present
+o_proj / down_proj carries one, independently of Llama's ``attention_bias`` / ``mlp_bias``. Both
+the pruner (slicing real weights) and the runtime loader (building empty modules at a checkpoint's
+shapes) go through this module, so the shapes a checkpoint declares are exactly the shapes the
+pruner wrote.
 """
 
 from __future__ import annotations
@@ -94,16 +97,27 @@ def set_layer_shapes(config, shapes: list[LayerShape]) -> None:
         setattr(config, per_layer_key, [getattr(s, key) for s in shapes])
 
 
+def has_output_bias(config) -> bool:
+    """Whether o_proj and down_proj carry a bias of their own (``config.output_bias``)."""
+    return bool(getattr(config, "output_bias", False))
+
+
 def layer_parameter_count(config, shape: LayerShape) -> int:
     """Parameters of one decoder layer at ``shape`` (weights, biases, both RMSNorms)."""
     hidden, hd = config.hidden_size, head_dim(config)
     q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
     attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
-    if getattr(config, "attention_bias", False) and shape.num_key_value_heads:
+    attention_bias = getattr(config, "attention_bias", False)
+    if attention_bias and shape.num_key_value_heads:
         attention += q_width + 2 * kv_width + hidden
+    elif has_output_bias(config) and shape.num_key_value_heads:
+        attention += hidden
     mlp = 3 * hidden * shape.intermediate_size
-    if getattr(config, "mlp_bias", False) and shape.intermediate_size:
+    mlp_bias = getattr(config, "mlp_bias", False)
+    if mlp_bias and shape.intermediate_size:
         mlp += 2 * shape.intermediate_size + hidden
+    elif has_output_bias(config) and shape.intermediate_size:
+        mlp += hidden
     return attention + mlp + 2 * hidden
 
 
@@ -200,12 +214,16 @@ def shrink_layer(
     return new_shape
 
 
-def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int) -> None:
-    """Give ``layer`` uninitialised modules of ``shape`` (on the meta device) for a checkpoint load."""
+def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int, output_bias: bool = False) -> None:
+    """Give ``layer`` uninitialised modules of ``shape`` (on the meta device) for a checkpoint load.
+
+    ``output_bias``: o_proj and down_proj get a bias even where the config's Llama flags say none.
+    """
     attention, mlp = layer.self_attn, layer.mlp
     hidden = attention.q_proj.in_features
     q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
     attn_bias, mlp_bias = attention.q_proj.bias is not None, mlp.gate_proj.bias is not None
+    output_bias = output_bias or attn_bias, output_bias or mlp_bias
     if shape.num_key_value_heads == 0:
         layer.self_attn = RemovedAttention(attention.layer_idx)
     else:
@@ -213,7 +231,7 @@ def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int) -> None:
             attention.q_proj = nn.Linear(hidden, q_width, bias=attn_bias)
             attention.k_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
             attention.v_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
-            attention.o_proj = nn.Linear(q_width, hidden, bias=attn_bias)
+            attention.o_proj = nn.Linear(q_width, hidden, bias=output_bias[0])
         _set_attention_counts(attention, shape)
     if shape.intermediate_size == 0:
         layer.mlp = RemovedMLP()
@@ -221,8 +239,16 @@ def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int) -> None:
         with torch.device("meta"):
             mlp.gate_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
             mlp.up_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
-            mlp.down_proj = nn.Linear(shape.intermediate_size, hidden, bias=mlp_bias)
+            mlp.down_proj = nn.Linear(shape.intermediate_size, hidden, bias=output_bias[1])
         mlp.intermediate_size = shape.intermediate_size
+
+
+def add_output_bias(layer: nn.Module) -> None:
+    """Give the layer's o_proj and down_proj a (zero) bias if they have none, in place."""
+    for linear in [layer.self_attn.o_proj] * has_attention(layer) + [layer.mlp.down_proj] * has_mlp(layer):
+        if linear.bias is None:
+            w = linear.weight
+            linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
 
 
 def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:

@@ -21,11 +21,11 @@ def test_every_estimator_scores_every_group(tiny_model, name):
 
 
 def _reference_gradients(model, data):
-    """Per-weight gradient of the summed batch losses, computed the plain way."""
+    """Per-weight gradient of the mean loss over all samples (all batches at once), the plain way."""
     reference = make_model(**_same_arch(model))
     reference.load_state_dict(model.state_dict())
-    for batch in data:
-        reference(input_ids=batch, labels=batch).loss.backward()
+    everything = torch.cat(data)
+    reference(input_ids=everything, labels=everything).loss.backward()
     layer = reference.model.layers[1]
     return {name: (lin.weight.detach(), lin.weight.grad.detach()) for name, lin in prunable_linears(layer).items()}
 
@@ -81,6 +81,7 @@ def test_random_is_reproducible_with_its_seed(tiny_model):
 
 
 def test_gradients_accumulate_over_batches_and_only_on_prunable_weights():
+    """The accumulated gradient is the mean over samples, so batches of any size give the same."""
     model = make_model()
     data = batches(n=2)
     accumulate_gradients(model, data, progress=False)
@@ -89,8 +90,10 @@ def test_gradients_accumulate_over_batches_and_only_on_prunable_weights():
     separately = torch.zeros_like(together)
     for batch in data:
         accumulate_gradients(model, [batch], progress=False)
-        separately += model.model.layers[0].mlp.up_proj.weight.grad
+        separately += model.model.layers[0].mlp.up_proj.weight.grad / len(data)
     torch.testing.assert_close(together, separately)
+    accumulate_gradients(model, [torch.cat(data)], progress=False)
+    torch.testing.assert_close(together, model.model.layers[0].mlp.up_proj.weight.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_gradient_estimators_need_calibration(tiny_model):

@@ -1,0 +1,218 @@
+"""Quality of every pruning method at the same budgets, no fine-tuning: perplexity and zero-shot.
+
+    python benchmarks/quality.py                       # the committed table (resumable)
+    python benchmarks/quality.py --limit 20 --ppl-windows 32 --out-name scratch --cells-dir /tmp/q
+
+Every method prunes SmolLM2-135M (``--model``) to each ``--ratios`` fraction of all parameters
+removed, with the same calibration file, number of samples, sequence length and seed (the saap
+defaults), in a child process so wall time and peak RSS are recorded; ``torch-pruning`` runs
+through ``pipeline.torch_pruning_ref``. Each model is then scored by ``saap eval``: WikiText-2 and
+PTB perplexity (128-token windows; all windows unless ``--ppl-windows``) and the 7-task lm-eval
+suite on the first ``--limit`` documents of every task, the same documents for every method.
+
+Resumable: each (method, ratio) result goes to ``<cells-dir>/<method>-<ratio>.json`` as soon as it
+is done and is skipped on the next run if its evaluation settings match; a cell made with other
+settings (say, a smaller ``--limit``) is recomputed, never mixed into the table. The aggregate is
+``benchmarks/results/<out-name>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import PROJECT, RESULTS, environment, run_python, run_saap
+
+sys.path.insert(0, str(PROJECT))
+
+from pipeline.zeroshot import TASKS  # noqa: E402
+from runtime.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
+
+METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "shortgpt", "magnitude", "random", "torch-pruning")
+PPL_SETS = ("wikitext2", "ptb")
+
+
+def cell_settings(args: argparse.Namespace) -> dict:
+    """What must match for a stored cell to be reused."""
+    return {
+        "model": args.model,
+        "limit": args.limit,
+        "ppl_windows": args.ppl_windows,
+        "tasks": list(args.tasks),
+        "seq_len": 128,
+        "prune_defaults": "calibration/num-samples/seq-len/seed/align: saap prune defaults",
+    }
+
+
+def prune_cell(method: str, ratio: float, model: str, out: Path) -> dict:
+    if method == "torch-pruning":
+        run = run_python("-m", "pipeline.torch_pruning_ref", "--model", model, "--ratio", str(ratio), "--out", str(out))
+    else:
+        run = run_saap(
+            "prune", "--model", model, "--method", method, "--ratio", str(ratio), "--out", str(out), "--quiet"
+        )
+    record = json.loads((out / "saap.json").read_text())
+    return {
+        "wall_s": run["wall_s"],
+        "peak_rss_mb": run["peak_rss_mb"],
+        "ratio_achieved": record["ratio_achieved"],
+        "params_after": record["params_after"],
+        "params_before": record["params_before"],
+        "layers": [layer["after"] for layer in record["layers"]],
+    }
+
+
+def evaluate_cell(model: str, args: argparse.Namespace, out: Path) -> dict:
+    command = ["eval", "--model", model, "--ppl", *PPL_SETS, "--seq-len", "128", "--quiet", "--out", str(out)]
+    if args.ppl_windows:
+        command += ["--ppl-windows", str(args.ppl_windows)]
+    if args.tasks:
+        command += ["--tasks", *args.tasks, "--limit", str(args.limit)]
+    run = run_saap(*command)
+    results = json.loads(out.read_text())
+    cell = {
+        "eval_wall_s": run["wall_s"],
+        "params": results["params"],
+        "perplexity": {
+            k: {"value": v["perplexity"], "windows": v["windows"]} for k, v in results["perplexity"].items()
+        },
+    }
+    if "zeroshot" in results:
+        z = results["zeroshot"]
+        cell["zeroshot"] = {
+            "tasks": {t: {k: r[k] for k in ("metric", "value", "stderr", "documents")} for t, r in z["tasks"].items()},
+            "average": z["average"],
+            "average_stderr": z["average_stderr"],
+        }
+    return cell
+
+
+def run_cell(method: str, ratio: float | None, args: argparse.Namespace, path: Path) -> dict:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cell: dict = {"method": method, "ratio": ratio, "settings": cell_settings(args)}
+        model = args.model
+        if ratio is not None:
+            model = f"{tmp}/pruned"
+            cell["prune"] = prune_cell(method, ratio, args.model, Path(model))
+        cell |= evaluate_cell(model, args, Path(tmp) / "eval.json")
+    cell["total_wall_s"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(path, cell)
+    return cell
+
+
+def markdown(data: dict) -> str:
+    s = data["settings"]
+    tasks = s["tasks"]
+    docs = f"the first {s['limit']} documents of every task" if tasks else "no zero-shot tasks"
+    windows = f"the first {s['ppl_windows']}" if s["ppl_windows"] else "all"
+    lines = [
+        f"# Pruning quality on {s['model']}: every method at the same budget, no fine-tuning",
+        "",
+        f"Regenerate: `{data['regenerate']}`. Perplexity over {windows} 128-token windows of WikiText-2 (test) and "
+        f"PTB (validation); zero-shot accuracy (lm-eval {', '.join(tasks)}) on {docs} — the same documents for "
+        "every model; the average is given ± its standard error (from the per-task standard errors).",
+        "",
+        "| method | ratio | removed | params | WikiText-2 | PTB | " + " | ".join(tasks) + " | average ± se | prune s |",
+        "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|",
+    ]
+    for c in data["cells"]:
+        ppl = [f"{c['perplexity'][p]['value']:.2f}" for p in PPL_SETS]
+        z = c.get("zeroshot")
+        accs = [f"{z['tasks'][t]['value']:.3f}" for t in tasks] if z else []
+        avg = f"{z['average']:.4f} ± {z['average_stderr']:.4f}" if z else "—"
+        removed = f"{c['prune']['ratio_achieved']:.1%}" if c.get("prune") else "0"
+        ratio = "dense" if c["ratio"] is None else f"{c['ratio']:g}"
+        prune_s = f"{c['prune']['wall_s']:.0f}" if c.get("prune") else ""
+        lines.append(f"| {c['method']} | {ratio} | {removed} | {c['params']:,} | " + " | ".join(ppl + accs)
+                     + f" | {avg} | {prune_s} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_zeroshot = any("zeroshot" in c for c in data["cells"])
+    fig, axes = plt.subplots(1, 2 if has_zeroshot else 1, figsize=(11 if has_zeroshot else 6, 4.2), squeeze=False)
+    dense = next((c for c in data["cells"] if c["ratio"] is None), None)
+    methods = sorted({c["method"] for c in data["cells"] if c["ratio"] is not None})
+    panels = [("wikitext2 perplexity (log)", lambda c: c["perplexity"]["wikitext2"]["value"])]
+    if has_zeroshot:
+        panels.append((f"{len(data['settings']['tasks'])}-task average accuracy", lambda c: c["zeroshot"]["average"]))
+    for ax, (label, value) in zip(axes[0], panels, strict=True):
+        for method in methods:
+            cells = sorted((c for c in data["cells"] if c["method"] == method), key=lambda c: -c["params"])
+            cells = [c for c in cells if label.startswith("wiki") or "zeroshot" in c]
+            if dense and (label.startswith("wiki") or "zeroshot" in dense):
+                cells = [dense, *cells]
+            ax.plot([c["params"] / 1e6 for c in cells], [value(c) for c in cells], marker="o", label=method)
+        if dense and (label.startswith("wiki") or "zeroshot" in dense):
+            ax.plot(
+                [dense["params"] / 1e6], [value(dense)], marker="*", markersize=14, color="black", ls="", label="dense"
+            )
+        if label.startswith("wiki"):
+            ax.set_yscale("log")
+        ax.set_xlabel("parameters kept (M)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{data['settings']['model']}: pruned without fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
+    parser.add_argument("--limit", type=int, default=300, help="first N documents of every zero-shot task")
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="zero-shot tasks (none: perplexity only)")
+    parser.add_argument("--ppl-windows", type=int, help="first N perplexity windows (default: the full sets)")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense reference point")
+    parser.add_argument("--out-name", default="quality-smollm2-135m")
+    parser.add_argument("--cells-dir", type=Path, default=RESULTS / "quality", help="where per-cell results live")
+    args = parser.parse_args()
+    if args.limit < 1 or (args.ppl_windows is not None and args.ppl_windows < 1):
+        parser.error("--limit and --ppl-windows must be at least 1")
+
+    todo = [] if args.no_dense else [("dense", None)]
+    todo += [(m, r) for r in args.ratios for m in args.methods]
+    cells = []
+    for method, ratio in todo:
+        path = args.cells_dir / (f"{method}.json" if ratio is None else f"{method}-{ratio:g}.json")
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored.get("settings") == cell_settings(args):
+                print(f"{path.name}: done, skipped", flush=True)
+                cells.append(stored)
+                continue
+            print(f"{path.name}: made with other settings, recomputing", flush=True)
+        print(f"{path.name}: running", flush=True)
+        cells.append(run_cell(method, ratio, args, path))
+
+    regenerate = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
+    data = {
+        "regenerate": regenerate,
+        "settings": cell_settings(args),
+        "cells": cells,
+        "environment": environment(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(RESULTS / f"{args.out_name}.json", data)
+    text = markdown(data)
+    write_text_atomic(RESULTS / f"{args.out_name}.md", text)
+    plot(data, RESULTS / f"{args.out_name}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
