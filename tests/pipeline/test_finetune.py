@@ -213,3 +213,10 @@ def test_bad_input_is_one_line_exit_2_and_no_output(capsys, checkpoint, alpaca, 
     assert code == 2 and err.count("\n") == 1 and err.startswith("saap: error:") and fragment in err, err
     assert not out.exists() and not Path(f"{out}.partial").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]
+
+
+def test_plain_text_is_cut_into_windows_with_every_token_in_the_loss(text_file):
+    kind, documents = read_records(text_file)
+    examples, stats = tokenize_examples(kind, documents, make_tokenizer(), 32)
+    assert kind == "text" and len(examples) > 10 and stats["truncated"] == 0
+    assert all(e["labels"] == e["input_ids"] and len(e["input_ids"]) <= 32 for e in examples)
