@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from pipeline.data import resolve_data_file
 from pipeline.group_lora import (
@@ -392,6 +392,15 @@ class SafetensorsTrainer(Trainer):
             torch.cuda.random.set_rng_state_all(state["cuda"])
 
 
+class LossProgress(ProgressCallback):
+    """Trainer's progress bar with the latest training loss as its postfix (instead of a printed
+    dict per logging step)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+
 def last_checkpoint(partial: Path) -> Path | None:
     steps = [
         (int(p.name.rsplit("-", 1)[1]), p)
@@ -562,7 +571,10 @@ def finetune(
     trainer = SafetensorsTrainer(
         model=trained, args=args, train_dataset=train_set, data_collator=collate, callbacks=callbacks or []
     )
-    if not progress:
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossProgress)
+    else:
         trainer.remove_callback(PrinterCallback)  # with the bar off, Trainer prints every log dict instead
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
