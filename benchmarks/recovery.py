@@ -22,11 +22,20 @@ DATA = "finetune/alpaca_en_demo.json"
 TASKS_NOTE = "7-task average: BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA (lm-eval, acc/acc_norm)"
 
 
+class NotRun(Exception):
+    """A stage without a stored result, under --collect."""
+
+
+COLLECT_ONLY = False
+
+
 def stage(name: str, run) -> dict:
     """The stored result of ``name``, or run it and store it."""
     path = WORK / "stages" / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if COLLECT_ONLY:
+        raise NotRun(name)
     result = run()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -171,7 +180,12 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--ppl-windows", type=int, default=64)
     parser.add_argument("--limit", type=int, default=10, help="zero-shot documents per task (0: skip zero-shot)")
+    parser.add_argument("--collect", action="store_true", help="only assemble the stored stage results")
     args = parser.parse_args()
+    global COLLECT_ONLY
+    COLLECT_ONLY = args.collect
+    collect = args.collect
+    del args.collect  # not a setting of the measurement
 
     regenerate = "nice -n 10 python benchmarks/recovery.py" + "".join(
         f" --{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
@@ -193,33 +207,42 @@ def main() -> None:
         write_results("recovery-smollm2-135m", data, markdown(data))
 
     for ratio in args.ratios:
-        r = data["ratios"].setdefault(ratio, {})
-        pruned = WORK / f"saap-p{round(float(ratio) * 100)}"
-
-        def prune(ratio=ratio, pruned=pruned) -> dict:
-            cmd = ["prune", "--model", "smollm2-135m", "--method", "saap", "--ratio", ratio, "--out", str(pruned)]
-            if (pruned / "saap.json").is_file():  # made by this very command earlier (e.g. copied from artifacts/)
-                meta = json.loads((pruned / "saap.json").read_text())
-                if meta["method"] == "saap" and abs(meta["ratio_requested"] - float(ratio)) < 1e-6:
-                    return {"command": "saap " + " ".join(cmd), "reused": str(pruned)}
-            run = run_saap(*cmd, "--quiet", "--overwrite")
-            return {"command": "saap " + " ".join(cmd), **run}
-
-        r["prune"] = stage(f"prune-{ratio}", prune)
-        meta = json.loads((pruned / "saap.json").read_text())
-        r["summary"] = (
-            f"{meta['params_before']:,} → {meta['params_after']:,} parameters ({meta['ratio_achieved']:.1%} removed)"
-        )
-        r["pruned_eval"] = stage(f"eval-{ratio}-pruned", lambda p=pruned, n=f"p{ratio}": evaluate(p, n, args))
-        save()
-        for method in args.variants:
-            tag = method.replace(":", "-")
-            out = WORK / f"{pruned.name}-{tag}"
-            r[method] = stage(f"finetune-{ratio}-{tag}", lambda o=out, m=method, p=pruned: finetune(p, o, m, args))
-            save()
-            r[f"{method}_eval"] = stage(f"eval-{ratio}-{tag}", lambda o=out, n=f"p{ratio}-{tag}": evaluate(o, n, args))
-            save()
+        try:
+            run_ratio(ratio, args, data, save)
+        except NotRun as e:
+            print(f"not run yet: {e}")
     save()
+    if collect:
+        print("(collected stored stages only)")
+
+
+def run_ratio(ratio: str, args: argparse.Namespace, data: dict, save) -> None:
+    r = data["ratios"].setdefault(ratio, {})
+    pruned = WORK / f"saap-p{round(float(ratio) * 100)}"
+
+    def prune(ratio=ratio, pruned=pruned) -> dict:
+        cmd = ["prune", "--model", "smollm2-135m", "--method", "saap", "--ratio", ratio, "--out", str(pruned)]
+        if (pruned / "saap.json").is_file():  # made by this very command earlier (e.g. copied from artifacts/)
+            meta = json.loads((pruned / "saap.json").read_text())
+            if meta["method"] == "saap" and abs(meta["ratio_requested"] - float(ratio)) < 1e-6:
+                return {"command": "saap " + " ".join(cmd), "reused": str(pruned)}
+        run = run_saap(*cmd, "--quiet", "--overwrite")
+        return {"command": "saap " + " ".join(cmd), **run}
+
+    r["prune"] = stage(f"prune-{ratio}", prune)
+    meta = json.loads((pruned / "saap.json").read_text())
+    r["summary"] = (
+        f"{meta['params_before']:,} → {meta['params_after']:,} parameters ({meta['ratio_achieved']:.1%} removed)"
+    )
+    r["pruned_eval"] = stage(f"eval-{ratio}-pruned", lambda p=pruned, n=f"p{ratio}": evaluate(p, n, args))
+    save()
+    for method in args.variants:
+        tag = method.replace(":", "-")
+        out = WORK / f"{pruned.name}-{tag}"
+        r[method] = stage(f"finetune-{ratio}-{tag}", lambda o=out, m=method, p=pruned: finetune(p, o, m, args))
+        save()
+        r[f"{method}_eval"] = stage(f"eval-{ratio}-{tag}", lambda o=out, n=f"p{ratio}-{tag}": evaluate(o, n, args))
+        save()
 
 
 if __name__ == "__main__":
