@@ -78,6 +78,11 @@ def finetune(model: Path, out: Path, variant: str, args: argparse.Namespace) -> 
         "wall_s": run["wall_s"],
         "peak_rss_mb": run["peak_rss_mb"],
         "train_seconds": meta["train_seconds"],
+        "seconds_per_step": round(
+            meta.get("train_seconds_this_run", meta["train_seconds"])
+            / (meta["steps"] - (meta["resumed_from_step"] or 0)),
+            1,
+        ),
         "steps": meta["steps"],
         "resumed_from_step": meta["resumed_from_step"],
         "trainable_params": meta["trainable_params"],
@@ -115,15 +120,16 @@ def markdown(data: dict) -> str:
         "Val loss: mean next-token loss on the 32 held-out Alpaca records, parent → merged result. Train (s): the "
         "Trainer's loop; peak RSS: the whole `saap finetune` process (load, quantize, train, merge, save).",
         "",
-        "| ratio | model | train (s) | peak RSS (MB) | val loss before → after | WikiText-2 | PTB | 7-task avg |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ratio | model | train (s) | s/step | peak RSS (MB) | val loss before → after | WikiText-2 | PTB "
+        "| 7-task avg |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for ratio, r in data["ratios"].items():
         before = r.get("pruned_eval")
         if before:
             ppl = before["perplexity"]
             lines.append(
-                f"| {ratio} | pruned (before) | — | — | — | {fmt(ppl['wikitext2'])} | {fmt(ppl['ptb'])} | "
+                f"| {ratio} | pruned (before) | — | — | — | — | {fmt(ppl['wikitext2'])} | {fmt(ppl['ptb'])} | "
                 f"{fmt(before['zeroshot_average'], 4)} |"
             )
         for method in data["settings"]["variants"]:
@@ -134,11 +140,21 @@ def markdown(data: dict) -> str:
             start = f" (quantized start {fmt(loss['start'], 3)})" if method.startswith("group-lora") else ""
             ppl = ev["perplexity"] if ev else {}
             label = f"{method} ({ft['quantized']['bits']}-bit base)" if ft["quantized"] else method
+            resumed = f" (resumed at step {ft['resumed_from_step']}¹)" if ft["resumed_from_step"] else ""
             lines.append(
-                f"| {ratio} | + {label} | {fmt(ft['train_seconds'], 0)} | {ft['peak_rss_mb'] or '—'} | "
+                f"| {ratio} | + {label} | {fmt(ft['train_seconds'], 0)}{resumed} | {ft['seconds_per_step']} | "
+                f"{ft['peak_rss_mb'] or '—'} | "
                 f"{fmt(loss['parent'], 3)} → {fmt(loss['after'], 3)}{start} | {fmt(ppl.get('wikitext2'))} | "
                 f"{fmt(ppl.get('ptb'))} | {fmt(ev['zeroshot_average'], 4) if ev else '—'} |"
             )
+    if any(r.get(v, {}).get("resumed_from_step") for r in data["ratios"].values() for v in s["variants"]):
+        lines += [
+            "",
+            "¹ Interrupted and resumed from its checkpoint (the resume path in use). Runs made before "
+            "`saap finetune` kept its training time across segments report only the resumed segment's time; "
+            "s/step is that segment's time over its steps, and peak RSS is the resumed process's (it too loads, "
+            "trains, merges and saves).",
+        ]
     lines += ["", "Pruning: " + "; ".join(f"{k}: {v['summary']}" for k, v in data["ratios"].items() if "summary" in v)]
     if data.get("missing"):
         lines += ["", f"**Not finished in this session:** {', '.join(data['missing'])} (re-run the command to resume)."]

@@ -63,6 +63,7 @@ ALPACA_PROMPT_NO_INPUT = (
 ADAPTER_FILE = "adapter.safetensors"
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 RUN_FILE = "run.json"
+ELAPSED_FILE = "elapsed.json"
 DEFAULT_MAX_STEPS = 200
 
 
@@ -401,6 +402,22 @@ class LossProgress(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
 
 
+class ElapsedTime(TrainerCallback):
+    """Training seconds summed over interruptions, kept beside every checkpoint, so a resumed run
+    still reports its whole training time."""
+
+    def __init__(self, previous: float):
+        self.previous, self.started = previous, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.previous + time.perf_counter() - self.started
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            write_json_atomic(checkpoint / ELAPSED_FILE, {"train_seconds": self.seconds()})
+
+
 def last_checkpoint(partial: Path) -> Path | None:
     steps = [
         (int(p.name.rsplit("-", 1)[1]), p)
@@ -568,8 +585,12 @@ def finetune(
         remove_unused_columns=False,
         label_names=["labels"],
     )
+    previous = 0.0
+    if resume_from is not None and (resume_from / ELAPSED_FILE).is_file():
+        previous = json.loads((resume_from / ELAPSED_FILE).read_text())["train_seconds"]
+    clock = ElapsedTime(previous)
     trainer = SafetensorsTrainer(
-        model=trained, args=args, train_dataset=train_set, data_collator=collate, callbacks=callbacks or []
+        model=trained, args=args, train_dataset=train_set, data_collator=collate, callbacks=[clock, *(callbacks or [])]
     )
     if progress:
         trainer.remove_callback(ProgressCallback)
@@ -578,7 +599,7 @@ def finetune(
         trainer.remove_callback(PrinterCallback)  # with the bar off, Trainer prints every log dict instead
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds = time.perf_counter() - started
+    this_run, train_seconds = time.perf_counter() - started, clock.seconds()
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
 
     if not trainer.is_world_process_zero():  # under accelerate launch, one process writes the result
@@ -619,7 +640,8 @@ def finetune(
         "train_loss": output.training_loss,
         "train_loss_log": losses,
         "eval_loss": {"parent": eval_parent, "start": eval_start, "after": eval_after},
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(train_seconds, 2),  # over all segments of an interrupted run
+        "train_seconds_this_run": round(this_run, 2),
         "quantized": None,
     }
     # Carry the pruning facts on, so later stages (export, reports) still see them.

@@ -164,6 +164,7 @@ def test_resume_continues_from_the_saved_step(checkpoint, alpaca, tmp_path):
 
     resumed = finetune(str(checkpoint), str(alpaca), str(out), settings, progress=False)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 6
+    assert resumed["train_seconds"] > resumed["train_seconds_this_run"]  # the interrupted segment counts too
     assert [s for s, _ in resumed["train_loss_log"]] == [1, 2, 3, 4, 5, 6]  # steps 1-2 logged once, not redone
     finetune(str(checkpoint), str(alpaca), str(tmp_path / "straight"), settings, progress=False)
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
