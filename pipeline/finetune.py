@@ -637,7 +637,9 @@ def finetune(
         "params": params,
         "steps": trainer.state.global_step,
         "resumed_from_step": int(resume_from.name.rsplit("-", 1)[1]) if resume_from else None,
-        "train_loss": output.training_loss,
+        # The Trainer's own average covers only the last segment of a resumed run: use the log.
+        "train_loss": sum(loss for _, loss in losses) / len(losses) if losses else output.training_loss,
+        "train_loss_last": losses[-1][1] if losses else None,
         "train_loss_log": losses,
         "eval_loss": {"parent": eval_parent, "start": eval_start, "after": eval_after},
         "train_seconds": round(train_seconds, 2),  # over all segments of an interrupted run
