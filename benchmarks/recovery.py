@@ -140,9 +140,12 @@ def markdown(data: dict) -> str:
             start = f" (quantized start {fmt(loss['start'], 3)})" if method.startswith("group-lora") else ""
             ppl = ev["perplexity"] if ev else {}
             label = f"{method} ({ft['quantized']['bits']}-bit base)" if ft["quantized"] else method
+            per_step = ft.get("seconds_per_step") or round(
+                ft["train_seconds"] / (ft["steps"] - (ft["resumed_from_step"] or 0)), 1
+            )
             resumed = f" (resumed at step {ft['resumed_from_step']}¹)" if ft["resumed_from_step"] else ""
             lines.append(
-                f"| {ratio} | + {label} | {fmt(ft['train_seconds'], 0)}{resumed} | {ft['seconds_per_step']} | "
+                f"| {ratio} | + {label} | {fmt(ft['train_seconds'], 0)}{resumed} | {per_step} | "
                 f"{ft['peak_rss_mb'] or '—'} | "
                 f"{fmt(loss['parent'], 3)} → {fmt(loss['after'], 3)}{start} | {fmt(ppl.get('wikitext2'))} | "
                 f"{fmt(ppl.get('ptb'))} | {fmt(ev['zeroshot_average'], 4) if ev else '—'} |"
