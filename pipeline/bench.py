@@ -250,6 +250,11 @@ def resolve_models(specs: list[str]) -> list[BenchModel]:
             meta = read_metadata(model.spec)
             if meta.get("kind") == "pruned":
                 source = meta.get("source", {})
+            elif meta.get("kind") == "finetuned":  # a fine-tuned prune: its dense parent is the prune's source
+                parent = meta.get("parent", {}).get("model")
+                if parent and (Path(parent) / "saap.json").is_file():
+                    parent_meta = read_metadata(parent)
+                    source = parent_meta.get("source") if parent_meta.get("kind") == "pruned" else None
         elif model.kind == "onnx":
             record = Path(model.spec) / "saap-onnx.json"
             if record.is_file():

@@ -147,6 +147,41 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_text_atomic(Path(args.out).with_suffix(".md"), results_markdown(results))
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from pipeline.finetune import DEFAULT_MAX_STEPS, FinetuneSettings, finetune
+
+    # --max-steps wins over --epochs (as in the HF Trainer); neither given: the default step budget.
+    max_steps = args.max_steps if args.max_steps is not None or args.epochs is not None else DEFAULT_MAX_STEPS
+    settings = FinetuneSettings(
+        method=args.method,
+        bits=args.bits,
+        group_size=args.group_size,
+        rank=args.rank,
+        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        dropout=args.dropout,
+        max_steps=max_steps,
+        epochs=args.epochs if args.epochs is not None else 1.0,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        val_size=args.val_size,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+    )
+    record = finetune(args.model, args.data, args.out, settings, progress=not args.quiet, overwrite=args.overwrite)
+    if not record:
+        return  # a non-main process of a data-parallel run
+    losses = record["eval_loss"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    quantized = f", quantized form in {args.out}/{record['quantized']['dir']}" if record["quantized"] else ""
+    print(
+        f"fine-tuned {args.model} ({args.method}, {record['steps']} steps, {record['train_seconds']:.0f}s): "
+        f"validation loss {fmt(losses['parent'])} -> {fmt(losses['after'])} -> {args.out}{quantized}"
+    )
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         from export.onnx import ONNX_PRECISIONS, export_onnx
@@ -303,6 +338,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results as JSON (and a markdown table beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("finetune", help="recover a pruned model: group-quantized LoRA (SAAP) or plain LoRA, merged")
+    _add_model(p)
+    p.add_argument("--data", required=True, help="Alpaca-format .json/.jsonl (instruction, input, output) or text")
+    p.add_argument("--method", default="group-lora", help="group-lora (SAAP, default) | lora (peft baseline)")
+    p.add_argument("--bits", type=int, default=4, help="group-lora: bits of the frozen base, 4 | 8")
+    p.add_argument("--group-size", type=int, default=32, help="group-lora: input columns per group, 32 | 64 | 128")
+    p.add_argument("--rank", type=int, default=8, help="adapter rank")
+    p.add_argument("--alpha", type=float, help="adapter scale numerator (scale = alpha / rank; default 2 * rank)")
+    p.add_argument("--dropout", type=float, default=0.0, help="lora: adapter dropout")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default 200 unless --epochs is given)")
+    p.add_argument("--epochs", type=float, help="passes over the training split (when --max-steps is not given)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW, cosine schedule)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per device per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per example (longer ones are truncated)")
+    p.add_argument("--val-size", type=int, default=32, help="held-out examples for the validation loss")
+    p.add_argument("--save-steps", type=int, default=25, help="steps between resumable checkpoints")
+    p.add_argument("--logging-steps", type=int, default=10, help="steps between logged losses")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output checkpoint directory (merged float model)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out; discard an interrupted run of other settings"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
 
     p = verbs.add_parser("export", help="export a checkpoint to ONNX (ONNX Runtime) or GGUF (llama.cpp)")
     p.add_argument("format", choices=["onnx", "gguf"])

@@ -323,8 +323,16 @@ def _scores_and_plan(loaded, settings, batches, before_shapes, remove, plan, rec
         cv = saap.fluctuation(fused)
         scores = GroupScores(fused.groups["attention"], fused.groups["mlp"])
         if plan is None:
+            protected = settings.search == "adaptive"  # LLM-Pruner's layer range first (saap.adaptive_plan)
             plan = saap.adaptive_plan(
-                config, before_shapes, fused, cv, remove, settings.align, settings.fluctuation_weight
+                config,
+                before_shapes,
+                fused,
+                cv,
+                remove,
+                settings.align,
+                settings.fluctuation_weight,
+                llm_pruner_layer_range(config.num_hidden_layers) if protected else None,
             )
         record["saap"] = {
             "metric_noise": fused.noise,

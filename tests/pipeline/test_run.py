@@ -36,7 +36,9 @@ def write_config(root: Path, **changes) -> Path:
         "name": "tiny",
         "model": str(root / "tiny"),
         "artifacts_dir": str(root / "artifacts"),
-        "prune": {"method": "saap", "ratio": 0.2, "align": 4, "calibration": text, "num_samples": 2, "seq_len": 32},
+        # align 32: group-lora's groups of 32 input columns must divide every kept width
+        "prune": {"method": "saap", "ratio": 0.2, "align": 32, "calibration": text, "num_samples": 2, "seq_len": 32},
+        "finetune": {"enabled": True, "max_steps": 2, "batch_size": 1, "seq_len": 256, "val_size": 4, "save_steps": 1},
         "eval": {"ppl": [text], "ppl_windows": 2, "seq_len": "32", "generate": True},
         "export": {"onnx": ["fp32"], "gguf": ["f16"]},
         "bench": {"engines": ["torch"], "prompt_tokens": [8], "gen_tokens": 4, "repeats": 1, "warmup": 0},
@@ -60,9 +62,9 @@ def first_run(workspace) -> dict[str, str]:
 
 
 def test_every_stage_writes_a_verifiable_record(workspace, first_run):
-    assert first_run == {s: "off" if s == "finetune" else "ran" for s in STAGES}
+    assert first_run == {s: "ran" for s in STAGES}
     run_dir = workspace / "artifacts" / "tiny"
-    for stage in ("load", "prune", "eval", "export-onnx", "export-gguf", "bench", "report"):
+    for stage in STAGES:
         record = json.loads((run_dir / stage / STAGE_FILE).read_text())
         assert record["outputs"] == manifest(run_dir / stage) and record["outputs"]
         assert record["wall_s"] >= 0 and record["peak_rss_mb"] > 0
@@ -72,7 +74,10 @@ def test_every_stage_writes_a_verifiable_record(workspace, first_run):
     assert str(run_dir / "prune" / "model") in prune["commands"][0]["args"]  # the final path, not the temp one
     model, _, metadata = load_checkpoint(run_dir / "prune" / "model")
     assert metadata["params_after"] < metadata["params_before"]
+    finetuned = json.loads((run_dir / "finetune" / "model" / "saap.json").read_text())
+    assert finetuned["kind"] == "finetuned" and finetuned["parent"]["model"] == str(run_dir / "prune" / "model")
     evaluation = json.loads((run_dir / "eval" / "model.json").read_text())
+    assert evaluation["model"] == str(run_dir / "finetune" / "model")  # later stages take the fine-tuned model
     dense = json.loads((run_dir / "eval" / "dense.json").read_text())
     assert evaluation["params"] < dense["params"] and evaluation["generations"]
     assert (run_dir / "export-onnx" / "fp32").is_dir() and (run_dir / "export-gguf" / "model-f16.gguf").is_file()
@@ -95,7 +100,7 @@ def test_every_stage_writes_a_verifiable_record(workspace, first_run):
 
 def test_rerun_skips_every_stage(workspace, first_run):
     statuses = run(write_config(workspace))
-    assert statuses == {s: "off" if s == "finetune" else "skipped" for s in STAGES}
+    assert statuses == {s: "skipped" for s in STAGES}
 
 
 def test_changed_setting_reruns_its_stage_and_what_depends_on_it(workspace, first_run):

@@ -1,0 +1,38 @@
+"""`saap finetune` on the real SmolLM2-135M, pruned by SAAP: two steps of each method, in a fresh process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[2]
+ARGS = ["--max-steps", "2", "--batch-size", "1", "--seq-len", "64", "--val-size", "4", "--quiet"]
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("real") / "saap-p20"
+    cmd = [sys.executable, "-m", "pipeline.cli", "prune", "--model", "smollm2-135m", "--method", "saap"]
+    subprocess.run(
+        [*cmd, "--ratio", "0.2", "--num-samples", "4", "--out", str(out), "--quiet"], cwd=PROJECT, check=True
+    )
+    return out
+
+
+@pytest.mark.parametrize("method", ["group-lora", "lora"])
+def test_two_steps_on_the_pruned_model_give_a_loadable_checkpoint(pruned, tmp_path, method):
+    out = tmp_path / method
+    cmd = [sys.executable, "-m", "pipeline.cli", "finetune", "--model", str(pruned), "--method", method]
+    cmd += ["--data", "finetune/alpaca_en_demo.json", "--out", str(out), *ARGS]
+    proc = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((out / "saap.json").read_text())
+    assert meta["steps"] == 2 and meta["parent"]["saap_json_sha256"] and meta["data"]["records"] == 999
+    assert (out / "quantized" / "quantization.json").is_file() == (method == "group-lora")
+    generate = [sys.executable, "-m", "pipeline.cli", "generate", "--model", str(out), "--max-new-tokens", "4"]
+    proc = subprocess.run([*generate, "--prompt", "Paris is"], cwd=PROJECT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("Paris is"), proc.stderr[-2000:]
