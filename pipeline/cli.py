@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="llm-pruner", choices=sorted(METHODS))
     p.add_argument("--importance", choices=sorted(ESTIMATORS), help="llm-pruner: override its importance estimator")
     p.add_argument("--ablation", default="fused", help="saap importance: fused | sum | vector | element")
-    p.add_argument("--search", default="adaptive", help="saap structure search: adaptive | uniform")
+    p.add_argument("--search", default="uniform", help="saap structure search: uniform (default) | adaptive")
     p.add_argument("--fluctuation-weight", type=float, default=1.0, help="saap: weight of module fluctuation")
     p.add_argument(
         "--no-bias-compensation", action="store_true", help="flap: do not add the removed channels' mean to the biases"

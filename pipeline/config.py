@@ -54,7 +54,7 @@ class PruneConfig(Section):
     align: int = 32
     importance: str | None = None
     ablation: str = "fused"
-    search: str = "adaptive"
+    search: str = "uniform"
     fluctuation_weight: float = 1.0
     calibration: str | None = None  # default: the shared calibration text
     num_samples: int = 32

@@ -69,7 +69,7 @@ class PruneSettings:
     batch_size: int = 1  # gradients accumulate across batches; 1 keeps peak memory lowest (and SAAP per-sample)
     seed: int = 0
     ablation: str = "fused"  # saap: fused | sum | vector | element
-    search: str = "adaptive"  # saap: adaptive | uniform
+    search: str = "uniform"  # saap: uniform (default, measured better) | adaptive (see pipeline/saap.py)
     fluctuation_weight: float = 1.0  # saap: lambda in priority x (1 + lambda * CV)
     bias_compensation: bool = True  # flap: fold removed channels' mean output into o_proj/down_proj biases
     device_map: str | None = None  # "auto": dispatch over the available devices for estimation
@@ -323,16 +323,8 @@ def _scores_and_plan(loaded, settings, batches, before_shapes, remove, plan, rec
         cv = saap.fluctuation(fused)
         scores = GroupScores(fused.groups["attention"], fused.groups["mlp"])
         if plan is None:
-            protected = settings.search == "adaptive"  # LLM-Pruner's layer range first (saap.adaptive_plan)
             plan = saap.adaptive_plan(
-                config,
-                before_shapes,
-                fused,
-                cv,
-                remove,
-                settings.align,
-                settings.fluctuation_weight,
-                llm_pruner_layer_range(config.num_hidden_layers) if protected else None,
+                config, before_shapes, fused, cv, remove, settings.align, settings.fluctuation_weight
             )
         record["saap"] = {
             "metric_noise": fused.noise,
