@@ -225,22 +225,30 @@ def shrink_model(model: nn.Module, scores: GroupScores, plan: list[LayerShape]) 
     set_layer_shapes(model.config, new_shapes)
 
 
+def budget_plan(config, shapes: list[LayerShape], total: int, settings: PruneSettings):
+    """``(parameters to remove, layer range, uniform plan or None)``; raises SaapError for a budget
+    the method cannot meet. Needs only the config, so ``saap run`` checks budgets before any work;
+    ``prune`` calls it before the expensive gradients."""
+    remove = parameters_to_remove(config, shapes, total, settings)
+    kind = METHODS[settings.method]["plan"]
+    if kind == "uniform-all-layers":
+        layers = range(config.num_hidden_layers)
+    else:
+        layers = llm_pruner_layer_range(config.num_hidden_layers)
+    plan = None
+    if kind in ("uniform", "uniform-all-layers") or (settings.method == "saap" and settings.search == "uniform"):
+        plan, _ = uniform_plan(config, shapes, layers, remove / total, settings.align, total)
+    return remove, layers, plan
+
+
 def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -> dict:
     """Prune ``loaded.model`` in place; returns the provenance record for saap.json."""
     model, config = loaded.model, loaded.model.config
     started = time.perf_counter()
     before_shapes = layer_shapes(config)
     total_before = model_parameter_count(model)
-    remove = parameters_to_remove(config, before_shapes, total_before, settings)
-    kind = METHODS[settings.method]["plan"]
-    if kind == "uniform-all-layers":
-        layers = range(config.num_hidden_layers)
-    else:
-        layers = llm_pruner_layer_range(config.num_hidden_layers)
-    uniform = kind in ("uniform", "uniform-all-layers") or (settings.method == "saap" and settings.search == "uniform")
-    plan = None
-    if uniform:  # plan first: an unreachable ratio fails before the expensive gradients
-        plan, _ = uniform_plan(config, before_shapes, layers, remove / total_before, settings.align, total_before)
+    remove, layers, plan = budget_plan(config, before_shapes, total_before, settings)
+    uniform = plan is not None
 
     calibration, batches = None, None
     if settings.needs_calibration:

@@ -51,6 +51,10 @@ def test_defaults_and_flags():
         ({"ratio": 0.2, "target_params": 10}, r"prune\.ratio: give one budget"),
         ({"method": "magic"}, r"prune\.method: unknown method 'magic'"),
         ({"num_samples": 0}, r"prune\.num_samples: --num-samples"),
+        (
+            {"method": "llm-pruner", "ratio": 0.2, "align": 64},
+            r"prune\.ratio: --ratio 0\.\d+ is unreachable with --align 64",
+        ),
     ],
 )
 def test_impossible_budgets_are_found_before_any_work(hf_dir, prune, message):
