@@ -237,12 +237,12 @@ def adaptive_plan(
 
     Units leave lowest-fused-score groups first, so the plan keeps each module's top-scoring groups.
 
-    Measured on SmolLM2-135M at 20 % (WikiText-2, first 64 windows of 128 tokens, no fine-tuning):
-    this search 233.7; the same fused scores with the uniform plan (``--search uniform``) 196.0;
-    this search restricted to LLM-Pruner's layer range first 257.3; LLM-Pruner 230.7. The per-unit
-    first-order scores are good for ranking groups *within* a module but a poor exchange rate
-    *between* modules and layers (the plan stripped late-layer attention), so ``uniform`` is the
-    default and this search stays an option until a better cross-layer criterion is found.
+    Measured on SmolLM2-135M at 20 % (WikiText-2 perplexity, first 128 windows of 128 tokens, no
+    fine-tuning): this search 272.7, LLM-Pruner 206.9, FLAP 228.1; the same fused scores with the
+    uniform plan: see benchmarks/results/quality-smollm2-135m.md. The per-unit first-order scores
+    rank groups *within* a module well but are a poor exchange rate *between* modules and layers
+    (the plan strips late-layer attention and touches the first and last layers), so ``uniform`` is
+    the default and this search stays an option until a better cross-layer criterion is found.
     """
     hd = head_dim(config)
     order = {module: [torch.argsort(s) for s in fused.groups[module]] for module in MODULES}  # ascending
