@@ -13,7 +13,8 @@ suite on the first ``--limit`` documents of every task, the same documents for e
 Resumable: each (method, ratio) result goes to ``<cells-dir>/<method>-<ratio>.json`` as soon as it
 is done and is skipped on the next run if its evaluation settings match; a cell made with other
 settings (say, a smaller ``--limit``) is recomputed, never mixed into the table. The aggregate is
-``benchmarks/results/<out-name>.{json,md,png}``.
+``benchmarks/results/<out-name>.{json,md,png}``; ``--stored-only`` writes it from the cells stored so
+far, naming the missing ones, without computing anything (a sitting stopped part-way still leaves a table).
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ def markdown(data: dict) -> str:
         prune_s = f"{c['prune']['wall_s']:.0f}" if c.get("prune") else ""
         lines.append(f"| {c['method']} | {ratio} | {removed} | {c['params']:,} | " + " | ".join(ppl + accs)
                      + f" | {avg} | {prune_s} |")  # fmt: skip
+    if data.get("missing"):
+        lines += ["", f"**Not yet computed** ({len(data['missing'])} cells): {', '.join(data['missing'])}. "
+                  f"Run `{data['regenerate']}` to add them (stored cells are skipped)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -180,13 +184,14 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference point")
     parser.add_argument("--out-name", default="quality-smollm2-135m")
     parser.add_argument("--cells-dir", type=Path, default=RESULTS / "quality", help="where per-cell results live")
+    parser.add_argument("--stored-only", action="store_true", help="compute nothing: tabulate the stored cells")
     args = parser.parse_args()
     if args.limit < 1 or (args.ppl_windows is not None and args.ppl_windows < 1):
         parser.error("--limit and --ppl-windows must be at least 1")
 
     todo = [] if args.no_dense else [("dense", None)]
     todo += [(m, r) for r in args.ratios for m in args.methods]
-    cells = []
+    cells, missing = [], []
     for method, ratio in todo:
         path = args.cells_dir / (f"{method}.json" if ratio is None else f"{method}-{ratio:g}.json")
         if path.is_file():
@@ -196,14 +201,18 @@ def main() -> None:
                 cells.append(stored)
                 continue
             print(f"{path.name}: made with other settings, recomputing", flush=True)
+        if args.stored_only:
+            missing.append(path.stem)
+            continue
         print(f"{path.name}: running", flush=True)
         cells.append(run_cell(method, ratio, args, path))
 
-    regenerate = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
+    regenerate = " ".join(["python benchmarks/quality.py", *(a for a in sys.argv[1:] if a != "--stored-only")])
     data = {
         "regenerate": regenerate,
         "settings": cell_settings(args),
         "cells": cells,
+        "missing": missing,
         "environment": environment(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
