@@ -32,12 +32,15 @@ import torch
 from runtime.errors import SaapError
 from runtime.surgery import LayerShape, head_dim, layer_shapes
 
-GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m")
 # quant -> (llama_cpp LLAMA_FTYPE_* constant, the types its mix gives a matrix whose rows fit: the
 # nominal type first; llama.cpp gives some tensors (output, attn_v, some ffn_down) Q6_K / Q5_K)
 LLAMA_QUANTS = {
     "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", ("Q8_0",)),
     "q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", ("Q4_0", "Q6_K")),
+    # Q4_1 is d*q + m per 32 values: the very form of `saap finetune --method group-lora --bits 4
+    # --group-size 32`, whose merged checkpoint it re-quantizes to the same codes (tested).
+    "q4_1": ("LLAMA_FTYPE_MOSTLY_Q4_1", ("Q4_1", "Q6_K")),
     "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", ("Q4_K", "Q5_K", "Q6_K")),
     "q5_k_m": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", ("Q5_K", "Q6_K")),
 }

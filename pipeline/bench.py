@@ -60,7 +60,7 @@ SCHEMA = "saap-bench/1"
 ENGINE_QUANTS = {
     "torch": ("fp32",),
     "onnx": ("fp32", "fp16", "int8", "int4"),
-    "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m"),
+    "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m"),
 }
 DEFAULT_QUANTS = {"torch": ["fp32"], "onnx": ["fp32"], "gguf": ["f16"]}
 ENGINE_DEVICES = {

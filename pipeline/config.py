@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runtime.errors import SaapError
 
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
-GGUF_QUANTS = ("f16", "f32", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
+GGUF_QUANTS = ("f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m")
 
 
 class Section(BaseModel):

@@ -14,7 +14,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
 from transformers import LlamaTokenizerFast
 
-from export.gguf import GGUF_QUANTS, export_gguf, write_gguf
+from export.gguf import GGUF_QUANTS, export_gguf, permute_rope, write_gguf
 from runtime.checkpoint import save_checkpoint
 from runtime.engine import EngineSettings, load_engine
 from runtime.errors import SaapError
@@ -305,7 +305,7 @@ def test_bad_inputs_are_one_line_errors(checkpoints, tmp_path):
     with pytest.raises(SaapError, match="does not exist"):
         export_gguf(tmp_path / "missing-checkpoint", tmp_path / "m.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf", "not-a-model"]
-    assert set(GGUF_QUANTS) == {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m"}
+    assert set(GGUF_QUANTS) == {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m"}
 
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
@@ -466,3 +466,51 @@ def test_real_dense_model_exports_as_llama(tmp_path):
     engine = load_engine("gguf", report["out"], REAL_SETTINGS)
     ids = torch_engine.tokenize(REAL_PROMPTS[0])
     assert engine.generate(ids, 32, stop_at_eos=False) == torch_engine.generate(ids, 32, stop_at_eos=False)
+
+
+def q4_1_codes_and_dequant(tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(4-bit codes, dequantized values) of a Q4_1 tensor: blocks of f16 d, f16 m, 16 bytes of nibbles
+    (value j in the low nibble of byte j, value j + 16 in the high one)."""
+    rows = np.asarray(tensor.data).reshape(-1, 20)
+    nibbles = rows[:, 4:]
+    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1)
+    values = gguf.quants.dequantize(np.asarray(tensor.data), gguf.GGMLQuantizationType.Q4_1)
+    return codes.reshape(values.shape), values
+
+
+def test_q4_1_export_keeps_the_codes_of_a_4_bit_group_lora_merge(tokenizer, tmp_path):
+    """group-lora's 4-bit, 32-group merge is already Q4_1's d*q + m: llama.cpp re-quantizing the merged
+    float checkpoint must land on the very same codes (the adapter only moved each group's offset)."""
+    from pipeline.group_lora import apply_group_lora, merge_group_lora
+
+    model = make_model(heads=4, kv_heads=2)
+    apply_group_lora(model, bits=4, group_size=32, rank=4, alpha=8)
+    torch.manual_seed(1)
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            module.lora_B.data.normal_(0, 0.05)  # a trained-looking, non-zero adapter
+    quantized = merge_group_lora(model)
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", {"kind": "test"})
+    report = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "q4_1", progress=False)
+    assert report["tensor_types"]["Q4_1"] > 0
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    hd = model.config.head_dim
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+    names |= {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    checked = 0
+    for path, entry in quantized.items():
+        layer, linear = int(path.split(".")[2]), path.rsplit(".", 1)[1]
+        tensor = tensors[f"blk.{layer}.{names[linear]}.weight"]
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1
+        ours = model.get_submodule(path).weight.detach().numpy()
+        codes = entry["qweight"].numpy()
+        if linear in ("q_proj", "k_proj"):  # rows in llama.cpp's RoPE order
+            ours, codes = permute_rope(ours, hd), permute_rope(codes, hd)
+        file_codes, file_values = q4_1_codes_and_dequant(tensor)
+        assert np.array_equal(file_codes, codes), path
+        # only d and m are rounded (to f16): within a few f16 ulps of the group's range
+        scale = entry["scales"].numpy().repeat(32, axis=1)
+        bound = 15 * scale * 2**-10 + np.abs(ours) * 2**-10 + 1e-7
+        assert (np.abs(file_values - ours) <= bound).all(), path
+        checked += 1
+    assert checked == 3 * 7
