@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from runtime.memory import peak_rss_mb
+
 SEED = 0
 LOW_ID = 3  # skip the usual <unk>/<s>/</s> ids so no engine special-cases a token
 HIGH_ID = 32000  # inside every LLaMA-family vocabulary, so all models get the same ids
@@ -78,21 +80,6 @@ def peak_gpu_mb(engine_name: str, device: str) -> float | None:
         if pid.strip() == str(os.getpid()):
             return float(used)
     return None
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS. Not the parent's ru_maxrss from wait4: Linux carries the parent's
-    RSS at fork into the child's maxrss across exec, so every child would report at least the parent's."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
 
 
 def main() -> int:

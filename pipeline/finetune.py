@@ -13,6 +13,7 @@ and ``<out>`` appears only when everything is written.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -43,6 +44,7 @@ from pipeline.group_lora import (
 )
 from runtime.checkpoint import METADATA_FILE, is_checkpoint, save_checkpoint, sha256_file, write_json_atomic
 from runtime.errors import SaapError
+from runtime.memory import PhasePeakRss, peak_rss_mb
 from runtime.surgery import model_parameter_count
 
 METHODS = ("group-lora", "lora")
@@ -430,11 +432,22 @@ def last_checkpoint(partial: Path) -> Path | None:
 # ------------------------------------------------------------------------------------ the stage
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap back to the OS. glibc keeps freed blocks of a few MB (one linear's weight) in
+    the heap after its mmap threshold has grown, so without this the float weights that group-lora
+    dropped would still count in RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _attach_adapters(model: torch.nn.Module, settings: FinetuneSettings) -> tuple[torch.nn.Module, int]:
     """The model to train and the number of adapted linears."""
     if settings.method == "group-lora":
         paths = apply_group_lora(model, settings.bits, settings.group_size, settings.rank, settings.alpha)
         gc.collect()  # the float weights of the replaced linears go now: the memory saving
+        _return_freed_memory()
         return model, len(paths)
     from peft import LoraConfig, get_peft_model
 
@@ -556,6 +569,11 @@ def finetune(
         else eval_parent  # LoRA's B starts at zero: the model is the parent's
     )
 
+    # The process peak is set by loading and saving the float model, which hides what the methods
+    # differ in: the memory held while training (group-lora's uint8 base). So the training phase's
+    # own peak is recorded too.
+    peaks = {"before_training": peak_rss_mb()}
+
     partial.mkdir(parents=True, exist_ok=True)
     write_json_atomic(partial / RUN_FILE, identity)
     args = TrainingArguments(
@@ -598,7 +616,9 @@ def finetune(
     else:
         trainer.remove_callback(PrinterCallback)  # with the bar off, Trainer prints every log dict instead
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with PhasePeakRss() as training_rss:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    peaks["training"] = training_rss.peak_mb
     this_run, train_seconds = time.perf_counter() - started, clock.seconds()
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
 
@@ -610,6 +630,7 @@ def finetune(
     for p in merged.parameters():
         p.requires_grad_(False)
     eval_after = evaluation_loss(merged, val_set, collate, settings.batch_size)
+    peaks["through_merge"] = peak_rss_mb()
 
     record: dict[str, Any] = {
         "kind": "finetuned",
@@ -644,6 +665,9 @@ def finetune(
         "eval_loss": {"parent": eval_parent, "start": eval_start, "after": eval_after},
         "train_seconds": round(train_seconds, 2),  # over all segments of an interrupted run
         "train_seconds_this_run": round(this_run, 2),
+        # MB: the process peak before training and through the merge (cumulative), and the training
+        # loop's own peak (sampled). Saving comes after this file is written.
+        "peak_rss_mb": peaks,
         "quantized": None,
     }
     # Carry the pruning facts on, so later stages (export, reports) still see them.

@@ -257,7 +257,9 @@ def _export_onnx_run(ctx: Context, out: Path) -> list[dict]:
 
 def _export_gguf_run(ctx: Context, out: Path) -> list[dict]:
     return [
-        _command(["export", "gguf", "--model", ctx.final_model, "--quant", q, "--out", out / f"model-{q}.gguf"])
+        _command(
+            ["export", "gguf", "--model", ctx.final_model, "--quant", q, "--out", out / f"model-{q}.gguf", "--quiet"]
+        )
         for q in ctx.config.export.gguf
     ]
 

@@ -123,6 +123,8 @@ def test_group_lora_finetune_lowers_loss_and_writes_both_forms(checkpoint, alpac
     assert meta["kind"] == "finetuned" and meta["method"] == "group-lora"
     assert meta["data"]["sha256"] and meta["settings"]["bits"] == 4 and meta["parent"]["saap_json_sha256"]
     assert meta["quantized"]["merge_max_abs_error"] <= 1e-6
+    peaks = meta["peak_rss_mb"]  # the training loop's own peak is sampled, the others cumulative
+    assert 0 < peaks["before_training"] <= peaks["through_merge"] and 0 < peaks["training"] <= peaks["through_merge"]
     assert not (tmp_path / "ft.partial").exists()
     model, _, _ = load_checkpoint(out)
     quantized = load_quantized_weights(out / "quantized")
