@@ -62,12 +62,14 @@ def evaluate(model: Path, name: str, args: argparse.Namespace) -> dict:
 
 
 def finetune(model: Path, out: Path, variant: str, args: argparse.Namespace) -> dict:
-    method, _, bits = variant.partition(":")
+    method, bits, rank = (variant.split(":") + ["", ""])[:3]
     cmd = ["finetune", "--model", str(model), "--data", DATA, "--method", method, "--out", str(out)]
     cmd += ["--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     cmd += ["--lr", str(args.lr), "--save-steps", "5", "--quiet"]
     if method == "group-lora":
         cmd += ["--bits", bits or str(args.bits), "--group-size", str(args.group_size)]
+    if rank:  # alpha stays 2 x rank (saap finetune's default): the same scale alpha/rank
+        cmd += ["--rank", rank]
     if out.exists():  # finished in an earlier, interrupted benchmark run: only the record is missing
         run = {"wall_s": None, "peak_rss_mb": None, "stdout": "(reused)"}
     else:
@@ -106,7 +108,8 @@ def markdown(data: dict) -> str:
         "shared with other jobs: wall times are upper bounds)",
         "",
         f"Fine-tuning: `{DATA}` (999 Alpaca records, 32 held out), {s['steps']} steps x batch {s['batch_size']} "
-        f"x {s['seq_len']} tokens, rank 8, alpha 16, lr {s['lr']} cosine, seed 0, the same budget for every method; "
+        f"x {s['seq_len']} tokens, rank 8 (unless the row says otherwise), alpha 2 x rank, "
+        f"lr {s['lr']} cosine, seed 0, the same budget for every method; "
         f"group-lora groups of {s['group_size']} input columns.",
         "",
         "**Reductions against the issue's protocol** (to fit a shared 2-core CPU in this session): "
@@ -141,7 +144,10 @@ def markdown(data: dict) -> str:
             loss = ft["eval_loss"]
             start = f" (quantized start {fmt(loss['start'], 3)})" if method.startswith("group-lora") else ""
             ppl = ev["perplexity"] if ev else {}
-            label = f"{method} ({ft['quantized']['bits']}-bit base)" if ft["quantized"] else method
+            rank = method.split(":")[2] if method.count(":") == 2 else None
+            label = method.split(":")[0] + (f" ({ft['quantized']['bits']}-bit base)" if ft["quantized"] else "")
+            label += f", rank {rank}" if rank else ""
+            label += f", {ft['trainable_params'] / 1e6:.2f} M trainable"
             per_step = ft.get("seconds_per_step") or round(
                 ft["train_seconds"] / (ft["steps"] - (ft["resumed_from_step"] or 0)), 1
             )
@@ -201,7 +207,9 @@ def verdict(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", nargs="+", default=["0.2", "0.5"])
-    parser.add_argument("--variants", nargs="+", default=["group-lora", "lora"], help="group-lora[:BITS] and lora")
+    parser.add_argument(
+        "--variants", nargs="+", default=["group-lora", "lora"], help="group-lora[:BITS[:RANK]], lora[::RANK]"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
