@@ -68,8 +68,9 @@ def finetune(model: Path, out: Path, variant: str, args: argparse.Namespace) -> 
     cmd += ["--lr", str(args.lr), "--save-steps", "5", "--quiet"]
     if method == "group-lora":
         cmd += ["--bits", bits or str(args.bits), "--group-size", str(args.group_size)]
-    if rank:  # alpha stays 2 x rank (saap finetune's default): the same scale alpha/rank
-        cmd += ["--rank", rank]
+    # Rank 8 unless the variant says otherwise (explicit: saap finetune's default differs per method);
+    # alpha stays 2 x rank, saap finetune's default, so the scale alpha/rank is the same.
+    cmd += ["--rank", rank or "8"]
     if out.exists():  # finished in an earlier, interrupted benchmark run: only the record is missing
         run = {"wall_s": None, "peak_rss_mb": None, "stdout": "(reused)"}
     else:
@@ -188,16 +189,20 @@ def verdict(data: dict) -> str:
             if not (before and g and lo):
                 continue
             wb, wg, wl = (x["perplexity"]["wikitext2"] for x in (before, g, lo))
+            pb, pg, pl = (x["perplexity"]["ptb"] for x in (before, g, lo))
             rg, rl = r[variant]["peak_rss_mb"], r["lora"]["peak_rss_mb"]
             tg, tl = training_peak(r[variant]), training_peak(r["lora"])
             bits = r[variant]["quantized"]["bits"]
             training = (
                 f", training peak {tg} MB vs {tl} MB ({'lower' if tg < tl else 'not lower'})" if tg and tl else ""
             )
+            wins = [name for name, ours, theirs in (("WikiText-2", wg, wl), ("PTB", pg, pl)) if ours <= theirs]
+            recovers = "less than lora" if not wins else f"at least as much as lora on {' and '.join(wins)}"
+            recovers += "" if len(wins) != 1 else " only"
             notes.append(
-                f"ratio {ratio}, {variant} ({bits}-bit): WikiText-2 {wb:.2f} → {wg:.2f} "
-                f"({'better' if wg < wb else 'NOT better'} "
-                f"than before), lora {wl:.2f}: recovers {'at least as much as' if wg <= wl else 'less than'} lora; "
+                f"ratio {ratio}, {variant} ({bits}-bit): WikiText-2 {wb:.2f} → {wg:.2f}, PTB {pb:.2f} → {pg:.2f} "
+                f"({'better' if wg < wb and pg < pb else 'NOT better'} than before); lora {wl:.2f} / {pl:.2f}: "
+                f"recovers {recovers}; "
                 f"process peak RSS {rg} MB vs lora {rl} MB ({'lower' if rg and rl and rg < rl else 'not lower'})"
                 f"{training}."
             )

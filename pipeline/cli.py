@@ -157,7 +157,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         bits=args.bits,
         group_size=args.group_size,
         rank=args.rank,
-        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        alpha=args.alpha,
         dropout=args.dropout,
         max_steps=max_steps,
         epochs=args.epochs if args.epochs is not None else 1.0,
@@ -345,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="group-lora", help="group-lora (SAAP, default) | lora (peft baseline)")
     p.add_argument("--bits", type=int, default=4, help="group-lora: bits of the frozen base, 4 | 8")
     p.add_argument("--group-size", type=int, default=32, help="group-lora: input columns per group, 32 | 64 | 128")
-    p.add_argument("--rank", type=int, default=8, help="adapter rank")
+    p.add_argument(
+        "--rank", type=int, help="adapter rank (default 16 for group-lora, 8 for lora: equal trainable params)"
+    )
     p.add_argument("--alpha", type=float, help="adapter scale numerator (scale = alpha / rank; default 2 * rank)")
     p.add_argument("--dropout", type=float, default=0.0, help="lora: adapter dropout")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default 200 unless --epochs is given)")

@@ -74,7 +74,7 @@ class FinetuneConfig(Section):
     data: str = "finetune/alpaca_en_demo.json"
     bits: Literal[4, 8] = 4
     group_size: Literal[32, 64, 128] = 32
-    rank: int = 8
+    rank: int | None = None  # default: saap finetune's per method (16 group-lora, 8 lora)
     alpha: float | None = None  # default 2 x rank
     dropout: float = 0.0
     max_steps: int | None = None  # default: saap finetune's own (or `epochs` passes)
