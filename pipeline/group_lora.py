@@ -21,9 +21,10 @@ codes and scales: still a ``bits``-bit group-quantized model, with no re-quantiz
 Why sum, not QA-LoRA's average: with the sum (and ``A`` initialised like LoRA's ``A`` for the full
 input width) the adapter *is* a LoRA whose ``A`` is tied across each group's columns, so it trains
 at LoRA's scale. The average divides the adapter's effect on the output by ``g`` while Adam's step
-on ``A`` stays the same size: measured on SmolLM2-135M pruned 20 %, 20 steps at lr 1e-3, average
-pooling lowered the held-out loss 3.596 -> 3.440 where plain LoRA reached 2.969
-(``benchmarks/results/recovery-smollm2-135m.md`` has the sum-pooling figures). The two differ
+on ``A`` stays the same size: measured on SmolLM2-135M pruned 20 % (an earlier prune), 20 steps
+at lr 1e-3, average pooling lowered the held-out loss 3.596 -> 3.440 where plain LoRA reached 2.969;
+with the sum, on the current prune, 3.286 -> 2.697 (rank 8) and 2.591 (rank 16) vs LoRA's 2.632
+(``benchmarks/results/recovery-smollm2-135m.md``). The two differ
 only by a constant factor, so the merge is exact either way. (peft's QALoRA variant also rescales
 its pooled input.)
 
