@@ -41,15 +41,20 @@ def environment() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True)
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True)
+        git_revision = revision.stdout.strip() or None
+    except OSError:  # no git on the machine (a copied tree): the caller may say which revision it is
+        git_revision = os.environ.get("SAAP_GIT_REVISION")
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "git_revision": revision.stdout.strip() or None,
+        "git_revision": git_revision,
     }
 
 

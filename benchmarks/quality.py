@@ -37,8 +37,12 @@ METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "shortgpt", "magnitude", "r
 PPL_SETS = ("wikitext2", "ptb")
 
 
+# Settings added after the first cells were stored, with the value those cells were made with.
+LATER_SETTINGS = {"device": "cpu", "eval_batch_size": 8}
+
+
 def cell_settings(args: argparse.Namespace) -> dict:
-    """What must match for a stored cell to be reused."""
+    """What must match for a stored cell to be reused (the device too: GPU and CPU sums differ in the last bits)."""
     return {
         "model": args.model,
         "limit": args.limit,
@@ -46,16 +50,31 @@ def cell_settings(args: argparse.Namespace) -> dict:
         "tasks": list(args.tasks),
         "seq_len": 128,
         "prune_defaults": "calibration/num-samples/seq-len/seed/align: saap prune defaults",
+        "device": args.device,
+        "eval_batch_size": args.batch_size,
     }
 
 
-def prune_cell(method: str, ratio: float, model: str, out: Path) -> dict:
-    if method == "torch-pruning":
+def settings_match(stored: dict, current: dict) -> bool:
+    return LATER_SETTINGS | stored == current
+
+
+def parse_limit(value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of documents or 'all', got '{value}'")
+    return int(value)
+
+
+def prune_cell(method: str, ratio: float, model: str, out: Path, device: str) -> dict:
+    if method == "torch-pruning":  # torch-pruning's own API, on the CPU
         run = run_python("-m", "pipeline.torch_pruning_ref", "--model", model, "--ratio", str(ratio), "--out", str(out))
     else:
-        run = run_saap(
-            "prune", "--model", model, "--method", method, "--ratio", str(ratio), "--out", str(out), "--quiet"
-        )
+        # On a GPU the calibration passes run there through accelerate (`--device-map auto`).
+        on_gpu = ["--device-map", "auto"] if device != "cpu" else []
+        run = run_saap("prune", "--model", model, "--method", method, "--ratio", str(ratio), "--out", str(out),
+                       "--quiet", *on_gpu)  # fmt: skip
     record = json.loads((out / "saap.json").read_text())
     return {
         "wall_s": run["wall_s"],
@@ -68,11 +87,12 @@ def prune_cell(method: str, ratio: float, model: str, out: Path) -> dict:
 
 
 def evaluate_cell(model: str, args: argparse.Namespace, out: Path) -> dict:
-    command = ["eval", "--model", model, "--ppl", *PPL_SETS, "--seq-len", "128", "--quiet", "--out", str(out)]
+    command = ["eval", "--model", model, "--ppl", *PPL_SETS, "--seq-len", "128", "--quiet", "--out", str(out),
+               "--device", args.device, "--batch-size", str(args.batch_size)]  # fmt: skip
     if args.ppl_windows:
         command += ["--ppl-windows", str(args.ppl_windows)]
     if args.tasks:
-        command += ["--tasks", *args.tasks, "--limit", str(args.limit)]
+        command += ["--tasks", *args.tasks] + (["--limit", str(args.limit)] if args.limit else [])
     run = run_saap(*command)
     results = json.loads(out.read_text())
     cell = {
@@ -99,7 +119,7 @@ def run_cell(method: str, ratio: float | None, args: argparse.Namespace, path: P
         model = args.model
         if ratio is not None:
             model = f"{tmp}/pruned"
-            cell["prune"] = prune_cell(method, ratio, args.model, Path(model))
+            cell["prune"] = prune_cell(method, ratio, args.model, Path(model), args.device)
         cell |= evaluate_cell(model, args, Path(tmp) / "eval.json")
     cell["total_wall_s"] = round(time.perf_counter() - started, 1)
     write_json_atomic(path, cell)
@@ -109,7 +129,8 @@ def run_cell(method: str, ratio: float | None, args: argparse.Namespace, path: P
 def markdown(data: dict) -> str:
     s = data["settings"]
     tasks = s["tasks"]
-    docs = f"the first {s['limit']} documents of every task" if tasks else "no zero-shot tasks"
+    docs = f"the first {s['limit']} documents of every task" if s["limit"] else "every document of every task"
+    docs = docs if tasks else "no zero-shot tasks"
     windows = f"the first {s['ppl_windows']}" if s["ppl_windows"] else "all"
     lines = [
         f"# Pruning quality on {s['model']}: every method at the same budget, no fine-tuning",
@@ -178,7 +199,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
-    parser.add_argument("--limit", type=int, default=300, help="first N documents of every zero-shot task")
+    parser.add_argument(
+        "--limit", type=parse_limit, default=300, help="first N documents of every zero-shot task, or 'all'"
+    )
+    parser.add_argument("--device", default="cpu", help="where importance estimation and evaluation run: cpu, cuda")
+    parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (lm-eval, perplexity)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="zero-shot tasks (none: perplexity only)")
     parser.add_argument("--ppl-windows", type=int, help="first N perplexity windows (default: the full sets)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference point")
@@ -186,8 +211,8 @@ def main() -> None:
     parser.add_argument("--cells-dir", type=Path, default=RESULTS / "quality", help="where per-cell results live")
     parser.add_argument("--stored-only", action="store_true", help="compute nothing: tabulate the stored cells")
     args = parser.parse_args()
-    if args.limit < 1 or (args.ppl_windows is not None and args.ppl_windows < 1):
-        parser.error("--limit and --ppl-windows must be at least 1")
+    if args.ppl_windows is not None and args.ppl_windows < 1:
+        parser.error("--ppl-windows must be at least 1")
 
     todo = [] if args.no_dense else [("dense", None)]
     todo += [(m, r) for r in args.ratios for m in args.methods]
@@ -196,7 +221,7 @@ def main() -> None:
         path = args.cells_dir / (f"{method}.json" if ratio is None else f"{method}-{ratio:g}.json")
         if path.is_file():
             stored = json.loads(path.read_text())
-            if stored.get("settings") == cell_settings(args):
+            if settings_match(stored.get("settings", {}), cell_settings(args)):
                 print(f"{path.name}: done, skipped", flush=True)
                 cells.append(stored)
                 continue

@@ -99,6 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from pipeline.evaluate import generations, perplexity, results_markdown
     from pipeline.zeroshot import TASKS, evaluate_zeroshot, prepare_tasks
     from runtime.checkpoint import write_json_atomic, write_text_atomic
+    from runtime.engine import torch_device
     from runtime.models import load_model
     from runtime.surgery import model_parameter_count
 
@@ -114,7 +115,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             prepare_tasks(tasks, args.data_dir, Path(tmp))
+    device = torch_device(args.device)  # before the model load: a missing GPU fails at once
     loaded = load_model(args.model)
+    loaded.model.to(device)
     seq_len = loaded.model.config.max_position_embeddings if args.seq_len == "max" else int(args.seq_len)
     if seq_len < 2:
         raise SaapError("--seq-len must be at least 2 (or 'max')")
@@ -334,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N documents of every zero-shot task")
     p.add_argument("--data-dir", type=Path, help="directory with the zero-shot data (default: <data dir>/zeroshot)")
     p.add_argument("--generate", action="store_true", help="greedy generations from fixed prompts")
+    p.add_argument("--device", default="cpu", help="torch device that runs the model: cpu, cuda, mps")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", help="write the results as JSON (and a markdown table beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

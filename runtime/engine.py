@@ -92,7 +92,7 @@ class TorchEngine(Engine):
         self.torch = torch
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.device = torch.device(_torch_device(settings.device))
+        self.device = torch.device(torch_device(settings.device))
         loaded = load_model(model_spec)
         self.model = loaded.model.to(self.device)
         self.tokenizer = loaded.tokenizer
@@ -125,7 +125,8 @@ class TorchEngine(Engine):
         return self._forward([token_id])[-1]
 
 
-def _torch_device(device: str) -> str:
+def torch_device(device: str) -> str:
+    """``device`` if this torch build can use it, else one clear error (never a silent CPU run)."""
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():

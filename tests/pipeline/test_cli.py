@@ -55,6 +55,7 @@ def test_prune_generate_eval_on_a_tiny_checkpoint(capsys, hf_dir, text_file, tmp
         (["prune", "--model", "{hf}", "--align", "1024", "--out", "{tmp}/o", "--quiet"], "unreachable"),
         (["generate", "--model", "{tmp}/missing.gguf", "--prompt", "x"], "does not exist"),
         (["eval", "--model", "{hf}", "--ppl", "nosuchset"], "not found"),
+        (["eval", "--model", "{hf}", "--generate", "--device", "tpu"], "runs on cpu, cuda or mps, not 'tpu'"),
         (["prune", "--model", "{hf}", "--ratio", "abc", "--out", "{tmp}/o"], "invalid float value"),
     ],
 )
