@@ -122,6 +122,7 @@ def run_cell(method: str, ratio: float | None, args: argparse.Namespace, path: P
             cell["prune"] = prune_cell(method, ratio, args.model, Path(model), args.device)
         cell |= evaluate_cell(model, args, Path(tmp) / "eval.json")
     cell["total_wall_s"] = round(time.perf_counter() - started, 1)
+    cell["environment"] = environment()  # cells of one table may come from several sittings
     write_json_atomic(path, cell)
     return cell
 
@@ -137,7 +138,8 @@ def markdown(data: dict) -> str:
         "",
         f"Regenerate: `{data['regenerate']}`. Perplexity over {windows} 128-token windows of WikiText-2 (test) and "
         f"PTB (validation); zero-shot accuracy (lm-eval {', '.join(tasks)}) on {docs} — the same documents for "
-        "every model; the average is given ± its standard error (from the per-task standard errors).",
+        "every model; the average is given ± its standard error (from the per-task standard errors). "
+        f"Evaluated on `{s['device']}` (batch size {s['eval_batch_size']}); no fine-tuning.",
         "",
         "| method | ratio | removed | params | WikiText-2 | PTB | " + " | ".join(tasks) + " | average ± se | prune s |",
         "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|",
@@ -238,7 +240,7 @@ def main() -> None:
         "settings": cell_settings(args),
         "cells": cells,
         "missing": missing,
-        "environment": environment(),
+        "environment": environment(),  # of this aggregation; each cell has its own
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / f"{args.out_name}.json", data)
