@@ -26,7 +26,11 @@ bench-check: setup
 demo: setup
 	$(BIN)/saap run $(CONFIG)
 
+# The committed quality table was made on a GPU: QUALITY_ARGS="--device cuda --batch-size 16" reuses its cells;
+# other settings recompute every cell (~13 min each on 2 CPU cores).
+QUALITY_ARGS ?=
 bench: setup
 	$(BIN)/python benchmarks/prune_cost.py
-	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/quality.py $(QUALITY_ARGS)
+	$(BIN)/python benchmarks/saap_ablation.py
 	$(BIN)/python benchmarks/throughput.py

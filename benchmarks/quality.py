@@ -67,16 +67,17 @@ def parse_limit(value: str) -> int | None:
     return int(value)
 
 
-def prune_cell(method: str, ratio: float, model: str, out: Path, device: str) -> dict:
+def prune_cell(method: str, ratio: float, model: str, out: Path, device: str, extra: tuple[str, ...] = ()) -> dict:
+    """Prune in a child process (``extra``: more ``saap prune`` flags); what the tables need from its record."""
     if method == "torch-pruning":  # torch-pruning's own API, on the CPU
         run = run_python("-m", "pipeline.torch_pruning_ref", "--model", model, "--ratio", str(ratio), "--out", str(out))
     else:
         # On a GPU the calibration passes run there through accelerate (`--device-map auto`).
         on_gpu = ["--device-map", "auto"] if device != "cpu" else []
         run = run_saap("prune", "--model", model, "--method", method, "--ratio", str(ratio), "--out", str(out),
-                       "--quiet", *on_gpu)  # fmt: skip
+                       "--quiet", *on_gpu, *extra)  # fmt: skip
     record = json.loads((out / "saap.json").read_text())
-    return {
+    cell = {
         "wall_s": run["wall_s"],
         "peak_rss_mb": run["peak_rss_mb"],
         "ratio_achieved": record["ratio_achieved"],
@@ -84,6 +85,9 @@ def prune_cell(method: str, ratio: float, model: str, out: Path, device: str) ->
         "params_before": record["params_before"],
         "layers": [layer["after"] for layer in record["layers"]],
     }
+    if "saap" in record:  # the learned fusion weights, for the ablation tables
+        cell["metric_weights"] = record["saap"]["metric_weights"]
+    return cell
 
 
 def evaluate_cell(model: str, args: argparse.Namespace, out: Path) -> dict:

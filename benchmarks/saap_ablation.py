@@ -1,0 +1,183 @@
+"""What each part of SAAP contributes: importance fusion and structure search switched one at a time.
+
+    python benchmarks/saap_ablation.py                          # perplexity only (~4 min a cell on 2 CPU cores)
+    python benchmarks/saap_ablation.py --tasks boolq piqa --limit 300 --device cuda
+
+Every variant prunes SmolLM2-135M with ``saap prune --method saap`` plus the variant's flags, with the
+same calibration data as ``benchmarks/quality.py``, and is scored the same way (full WikiText-2 / PTB
+perplexity sets unless ``--ppl-windows``; zero-shot only when ``--tasks`` is given). The plot shows the
+per-layer shapes each variant chose, the "where does the budget go" side of the search.
+
+Resumable like ``quality.py``: each (variant, ratio) is stored in ``<cells-dir>/<variant>-<ratio>.json``
+and reused while its settings match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import RESULTS, environment
+from quality import PPL_SETS, evaluate_cell, parse_limit, prune_cell, settings_match
+
+from runtime.checkpoint import write_json_atomic, write_text_atomic
+
+# name -> extra `saap prune` flags; the first is SAAP's default.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "fused-uniform": (),
+    "sum-uniform": ("--ablation", "sum"),
+    "vector-uniform": ("--ablation", "vector"),
+    "element-uniform": ("--ablation", "element"),
+    "fused-adaptive": ("--search", "adaptive"),
+    "fused-adaptive-nofluct": ("--search", "adaptive", "--fluctuation-weight", "0"),
+}
+
+
+def cell_settings(args: argparse.Namespace, variant: str) -> dict:
+    return {
+        "model": args.model,
+        "flags": list(VARIANTS[variant]),
+        "limit": args.limit,
+        "ppl_windows": args.ppl_windows,
+        "tasks": list(args.tasks),
+        "seq_len": 128,
+        "device": args.device,
+        "eval_batch_size": args.batch_size,
+    }
+
+
+def run_cell(variant: str, ratio: float, args: argparse.Namespace, path: Path) -> dict:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "pruned"
+        cell = {"variant": variant, "ratio": ratio, "settings": cell_settings(args, variant)}
+        cell["prune"] = prune_cell("saap", ratio, args.model, model, args.device, VARIANTS[variant])
+        cell |= evaluate_cell(str(model), args, Path(tmp) / "eval.json")
+    cell["total_wall_s"] = round(time.perf_counter() - started, 1)
+    cell["environment"] = environment()
+    write_json_atomic(path, cell)
+    return cell
+
+
+def removed_blocks(layers: list[dict]) -> str:
+    attention = sum(1 for layer in layers if layer["num_attention_heads"] == 0)
+    mlp = sum(1 for layer in layers if layer["intermediate_size"] == 0)
+    return f"{attention} / {mlp}"
+
+
+def weights(cell: dict, module: str) -> str:
+    w = cell["prune"].get("metric_weights", {}).get(module)
+    return f"{w['vector'] / w['element']:.3g}" if w else "—"
+
+
+def markdown(data: dict) -> str:
+    tasks = data["settings"]["tasks"]
+    lines = [
+        "# SAAP ablation on smollm2-135m: one component switched at a time, no fine-tuning",
+        "",
+        f"Regenerate: `{data['regenerate']}`. Perplexity over "
+        f"{'all' if not data['settings']['ppl_windows'] else 'the first ' + str(data['settings']['ppl_windows'])} "
+        "128-token windows of WikiText-2 (test) and PTB (validation). `fused` = uncertainty-weighted fusion of the "
+        "vector- and element-wise Taylor scores (SAAP), `sum` = plain sum of the normalised scores, `vector` / "
+        "`element` = one score alone; `uniform` = one ratio in layers 4–27 (the default), `adaptive` = the global "
+        "search ranked by importance per parameter × (1 + CV), `nofluct` = that search without the fluctuation term. "
+        "w_V/w_E = learned weight of the vector-wise score over the element-wise one (attention, MLP).",
+        "",
+        "| variant | ratio | removed | WikiText-2 | PTB | "
+        + "".join(f"{t} | " for t in tasks)
+        + ("average | " if tasks else "")
+        + "w_V/w_E attn | w_V/w_E mlp | layers without attention / MLP |",
+        "|---|---|---|---|---|" + "---|" * (len(tasks) + (1 if tasks else 0)) + "---|---|---|",
+    ]
+    for c in data["cells"]:
+        ppl = [f"{c['perplexity'][p]['value']:.2f}" for p in PPL_SETS]
+        z = c.get("zeroshot")
+        accs = [f"{z['tasks'][t]['value']:.3f}" for t in tasks] + [f"{z['average']:.4f}"] if z else []
+        lines.append(
+            f"| {c['variant']} | {c['ratio']:g} | {c['prune']['ratio_achieved']:.1%} | "
+            + " | ".join(ppl + accs)
+            + f" | {weights(c, 'attention')} | {weights(c, 'mlp')} | {removed_blocks(c['prune']['layers'])} |"
+        )
+    if data["missing"]:
+        lines += ["", f"**Not yet computed**: {', '.join(data['missing'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = sorted({c["ratio"] for c in data["cells"]})
+    fig, axes = plt.subplots(len(ratios), 2, figsize=(12, 3.6 * len(ratios)), squeeze=False)
+    for row, ratio in zip(axes, ratios, strict=True):
+        for c in (c for c in data["cells"] if c["ratio"] == ratio):
+            layers = c["prune"]["layers"]
+            label = f"{c['variant']} ({c['perplexity']['wikitext2']['value']:.0f})"
+            row[0].plot([layer["num_attention_heads"] for layer in layers], marker=".", label=label)
+            row[1].plot([layer["intermediate_size"] for layer in layers], marker=".", label=label)
+        row[0].set_title(f"query heads kept per layer, {ratio:g} removed")
+        row[1].set_title(f"MLP width kept per layer, {ratio:g} removed")
+        for ax in row:
+            ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7, title="variant (WikiText-2 ppl)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
+    parser.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks (default: perplexity only)")
+    parser.add_argument("--limit", type=parse_limit, default=300, help="first N documents of every task, or 'all'")
+    parser.add_argument("--ppl-windows", type=int, help="first N perplexity windows (default: the full sets)")
+    parser.add_argument("--device", default="cpu", help="where importance estimation and evaluation run: cpu, cuda")
+    parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+    parser.add_argument("--out-name", default="saap-ablation-smollm2-135m")
+    parser.add_argument("--cells-dir", type=Path, default=RESULTS / "saap-ablation")
+    parser.add_argument("--stored-only", action="store_true", help="compute nothing: tabulate the stored cells")
+    args = parser.parse_args()
+
+    cells, missing = [], []
+    for ratio in args.ratios:
+        for variant in args.variants:
+            path = args.cells_dir / f"{variant}-{ratio:g}.json"
+            if path.is_file() and settings_match(
+                json.loads(path.read_text())["settings"], cell_settings(args, variant)
+            ):
+                print(f"{path.name}: done, skipped", flush=True)
+                cells.append(json.loads(path.read_text()))
+            elif args.stored_only:
+                missing.append(path.stem)
+            else:
+                print(f"{path.name}: running", flush=True)
+                cells.append(run_cell(variant, ratio, args, path))
+
+    data = {
+        "regenerate": " ".join(
+            ["python benchmarks/saap_ablation.py", *(a for a in sys.argv[1:] if a != "--stored-only")]
+        ),
+        "settings": {k: v for k, v in cell_settings(args, args.variants[0]).items() if k != "flags"},
+        "cells": cells,
+        "missing": missing,
+        "environment": environment(),
+    }
+    write_json_atomic(RESULTS / f"{args.out_name}.json", data)
+    text = markdown(data)
+    write_text_atomic(RESULTS / f"{args.out_name}.md", text)
+    if cells:
+        plot(data, RESULTS / f"{args.out_name}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
