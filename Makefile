@@ -32,5 +32,5 @@ QUALITY_ARGS ?=
 bench: setup
 	$(BIN)/python benchmarks/prune_cost.py
 	$(BIN)/python benchmarks/quality.py $(QUALITY_ARGS)
-	$(BIN)/python benchmarks/saap_ablation.py
+	$(BIN)/python benchmarks/saap_ablation.py --ppl-windows 256
 	$(BIN)/python benchmarks/throughput.py

@@ -90,8 +90,8 @@ def prune_cell(method: str, ratio: float, model: str, out: Path, device: str, ex
     return cell
 
 
-def evaluate_cell(model: str, args: argparse.Namespace, out: Path) -> dict:
-    command = ["eval", "--model", model, "--ppl", *PPL_SETS, "--seq-len", "128", "--quiet", "--out", str(out),
+def evaluate_cell(model: str, args: argparse.Namespace, out: Path, ppl_sets: tuple[str, ...] = PPL_SETS) -> dict:
+    command = ["eval", "--model", model, "--ppl", *ppl_sets, "--seq-len", "128", "--quiet", "--out", str(out),
                "--device", args.device, "--batch-size", str(args.batch_size)]  # fmt: skip
     if args.ppl_windows:
         command += ["--ppl-windows", str(args.ppl_windows)]

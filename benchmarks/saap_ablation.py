@@ -1,12 +1,13 @@
 """What each part of SAAP contributes: importance fusion and structure search switched one at a time.
 
-    python benchmarks/saap_ablation.py                          # perplexity only (~4 min a cell on 2 CPU cores)
-    python benchmarks/saap_ablation.py --tasks boolq piqa --limit 300 --device cuda
+    python benchmarks/saap_ablation.py --ppl-windows 256        # the committed table (~4 min a cell on 2 CPU cores)
+    python benchmarks/saap_ablation.py --tasks boolq piqa --limit 300 --device cuda   # full sets + zero-shot, GPU
 
 Every variant prunes SmolLM2-135M with ``saap prune --method saap`` plus the variant's flags, with the
-same calibration data as ``benchmarks/quality.py``, and is scored the same way (full WikiText-2 / PTB
-perplexity sets unless ``--ppl-windows``; zero-shot only when ``--tasks`` is given). The plot shows the
-per-layer shapes each variant chose, the "where does the budget go" side of the search.
+same calibration data as ``benchmarks/quality.py``, and is scored the same way (perplexity on a dev text,
+WikiText-2 and PTB — full sets unless ``--ppl-windows``, ~14 minutes a cell on 2 CPU cores; zero-shot only
+when ``--tasks`` is given). The plot shows the per-layer shapes each variant chose, the "where does the
+budget go" side of the search.
 
 Resumable like ``quality.py``: each (variant, ratio) is stored in ``<cells-dir>/<variant>-<ratio>.json``
 and reused while its settings match.
@@ -26,6 +27,10 @@ from quality import PPL_SETS, evaluate_cell, parse_limit, prune_cell, settings_m
 
 from runtime.checkpoint import write_json_atomic, write_text_atomic
 
+# Held-out text that neither calibration nor the reported tables use: defaults are chosen on it, not on the
+# test splits (WikiText-2 test / PTB are reported beside it).
+DEV_SET = "calibration/wikipedia_articles.txt"
+
 # name -> extra `saap prune` flags; the first is SAAP's default.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "fused-uniform": (),
@@ -41,6 +46,7 @@ def cell_settings(args: argparse.Namespace, variant: str) -> dict:
     return {
         "model": args.model,
         "flags": list(VARIANTS[variant]),
+        "dev_set": DEV_SET,
         "limit": args.limit,
         "ppl_windows": args.ppl_windows,
         "tasks": list(args.tasks),
@@ -56,7 +62,7 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, path: Path) -
         model = Path(tmp) / "pruned"
         cell = {"variant": variant, "ratio": ratio, "settings": cell_settings(args, variant)}
         cell["prune"] = prune_cell("saap", ratio, args.model, model, args.device, VARIANTS[variant])
-        cell |= evaluate_cell(str(model), args, Path(tmp) / "eval.json")
+        cell |= evaluate_cell(str(model), args, Path(tmp) / "eval.json", (DEV_SET, *PPL_SETS))
     cell["total_wall_s"] = round(time.perf_counter() - started, 1)
     cell["environment"] = environment()
     write_json_atomic(path, cell)
@@ -71,7 +77,7 @@ def removed_blocks(layers: list[dict]) -> str:
 
 def weights(cell: dict, module: str) -> str:
     w = cell["prune"].get("metric_weights", {}).get(module)
-    return f"{w['vector'] / w['element']:.3g}" if w else "—"
+    return f"{w['vector'] / (w['vector'] + w['element']):.2f}" if w else "—"
 
 
 def markdown(data: dict) -> str:
@@ -81,20 +87,21 @@ def markdown(data: dict) -> str:
         "",
         f"Regenerate: `{data['regenerate']}`. Perplexity over "
         f"{'all' if not data['settings']['ppl_windows'] else 'the first ' + str(data['settings']['ppl_windows'])} "
-        "128-token windows of WikiText-2 (test) and PTB (validation). `fused` = uncertainty-weighted fusion of the "
+        f"128-token windows of the dev text (`{DEV_SET}`, which calibration does not use; defaults are chosen on "
+        "it), WikiText-2 (test) and PTB (validation). `fused` = uncertainty-weighted fusion of the "
         "vector- and element-wise Taylor scores (SAAP), `sum` = plain sum of the normalised scores, `vector` / "
         "`element` = one score alone; `uniform` = one ratio in layers 4–27 (the default), `adaptive` = the global "
         "search ranked by importance per parameter × (1 + CV), `nofluct` = that search without the fluctuation term. "
-        "w_V/w_E = learned weight of the vector-wise score over the element-wise one (attention, MLP).",
+        "w_V share = the vector-wise score's weight / (vector + element weights) in the fused score (attention, MLP).",
         "",
-        "| variant | ratio | removed | WikiText-2 | PTB | "
+        "| variant | ratio | removed | dev (Wikipedia) | WikiText-2 | PTB | "
         + "".join(f"{t} | " for t in tasks)
         + ("average | " if tasks else "")
-        + "w_V/w_E attn | w_V/w_E mlp | layers without attention / MLP |",
-        "|---|---|---|---|---|" + "---|" * (len(tasks) + (1 if tasks else 0)) + "---|---|---|",
+        + "w_V share attn | w_V share mlp | layers without attention / MLP |",
+        "|---|---|---|---|---|---|" + "---|" * (len(tasks) + (1 if tasks else 0)) + "---|---|---|",
     ]
     for c in data["cells"]:
-        ppl = [f"{c['perplexity'][p]['value']:.2f}" for p in PPL_SETS]
+        ppl = [f"{c['perplexity'][p]['value']:.2f}" for p in (DEV_SET, *PPL_SETS)]
         z = c.get("zeroshot")
         accs = [f"{z['tasks'][t]['value']:.3f}" for t in tasks] + [f"{z['average']:.4f}"] if z else []
         lines.append(
@@ -118,7 +125,7 @@ def plot(data: dict, path: Path) -> None:
     for row, ratio in zip(axes, ratios, strict=True):
         for c in (c for c in data["cells"] if c["ratio"] == ratio):
             layers = c["prune"]["layers"]
-            label = f"{c['variant']} ({c['perplexity']['wikitext2']['value']:.0f})"
+            label = f"{c['variant']} ({c['perplexity'][DEV_SET]['value']:.0f})"
             row[0].plot([layer["num_attention_heads"] for layer in layers], marker=".", label=label)
             row[1].plot([layer["intermediate_size"] for layer in layers], marker=".", label=label)
         row[0].set_title(f"query heads kept per layer, {ratio:g} removed")
@@ -126,7 +133,7 @@ def plot(data: dict, path: Path) -> None:
         for ax in row:
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
-        row[0].legend(fontsize=7, title="variant (WikiText-2 ppl)", title_fontsize=7)
+        row[0].legend(fontsize=7, title="variant (dev perplexity)", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -42,7 +42,11 @@ def _cell(variant: str, wikitext: float, layers: list[dict]) -> dict:
             "layers": layers,
             "metric_weights": {"attention": {"vector": 2.0, "element": 1.0}, "mlp": {"vector": 1.0, "element": 4.0}},
         },
-        "perplexity": {"wikitext2": {"value": wikitext}, "ptb": {"value": 2 * wikitext}},
+        "perplexity": {
+            saap_ablation.DEV_SET: {"value": wikitext / 2},
+            "wikitext2": {"value": wikitext},
+            "ptb": {"value": 2 * wikitext},
+        },
     }
 
 
@@ -56,8 +60,8 @@ def test_ablation_table_reports_weights_and_removed_blocks(tmp_path):
         "missing": ["sum-uniform-0.2"],
     }
     table = saap_ablation.markdown(data)
-    assert "| fused-uniform | 0.2 | 20.0% | 170.00 | 340.00 | 2 | 0.25 | 0 / 0 |" in table
-    assert "| fused-adaptive | 0.2 | 20.0% | 250.00 | 500.00 | 2 | 0.25 | 1 / 0 |" in table
+    assert "| fused-uniform | 0.2 | 20.0% | 85.00 | 170.00 | 340.00 | 0.67 | 0.20 | 0 / 0 |" in table
+    assert "| fused-adaptive | 0.2 | 20.0% | 125.00 | 250.00 | 500.00 | 0.67 | 0.20 | 1 / 0 |" in table
     assert "sum-uniform-0.2" in table
     saap_ablation.plot(data, tmp_path / "ablation.png")
     assert (tmp_path / "ablation.png").stat().st_size > 0
