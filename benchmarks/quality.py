@@ -200,22 +200,27 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_sitting_arguments(parser: argparse.ArgumentParser, out_name: str, cells_dir: Path, tasks: list[str]) -> None:
+    """The flags every resumable table of pruned models shares (this one and ``saap_ablation.py``)."""
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument(
         "--limit", type=parse_limit, default=300, help="first N documents of every zero-shot task, or 'all'"
     )
     parser.add_argument("--device", default="cpu", help="where importance estimation and evaluation run: cpu, cuda")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (lm-eval, perplexity)")
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS), help="zero-shot tasks (none: perplexity only)")
+    parser.add_argument("--tasks", nargs="*", default=tasks, help="zero-shot tasks (none: perplexity only)")
     parser.add_argument("--ppl-windows", type=int, help="first N perplexity windows (default: the full sets)")
-    parser.add_argument("--no-dense", action="store_true", help="skip the dense reference point")
-    parser.add_argument("--out-name", default="quality-smollm2-135m")
-    parser.add_argument("--cells-dir", type=Path, default=RESULTS / "quality", help="where per-cell results live")
+    parser.add_argument("--out-name", default=out_name)
+    parser.add_argument("--cells-dir", type=Path, default=cells_dir, help="where per-cell results live")
     parser.add_argument("--stored-only", action="store_true", help="compute nothing: tabulate the stored cells")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_sitting_arguments(parser, "quality-smollm2-135m", RESULTS / "quality", list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense reference point")
     args = parser.parse_args()
     if args.ppl_windows is not None and args.ppl_windows < 1:
         parser.error("--ppl-windows must be at least 1")

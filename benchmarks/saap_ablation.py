@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, environment
-from quality import PPL_SETS, evaluate_cell, parse_limit, prune_cell, settings_match
+from quality import PPL_SETS, add_sitting_arguments, evaluate_cell, prune_cell, settings_match
 
 from runtime.checkpoint import write_json_atomic, write_text_atomic
 
@@ -141,17 +141,8 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    add_sitting_arguments(parser, "saap-ablation-smollm2-135m", RESULTS / "saap-ablation", [])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
-    parser.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks (default: perplexity only)")
-    parser.add_argument("--limit", type=parse_limit, default=300, help="first N documents of every task, or 'all'")
-    parser.add_argument("--ppl-windows", type=int, help="first N perplexity windows (default: the full sets)")
-    parser.add_argument("--device", default="cpu", help="where importance estimation and evaluation run: cpu, cuda")
-    parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
-    parser.add_argument("--out-name", default="saap-ablation-smollm2-135m")
-    parser.add_argument("--cells-dir", type=Path, default=RESULTS / "saap-ablation")
-    parser.add_argument("--stored-only", action="store_true", help="compute nothing: tabulate the stored cells")
     args = parser.parse_args()
 
     cells, missing = [], []
