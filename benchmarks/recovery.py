@@ -72,7 +72,8 @@ def finetune(model: Path, out: Path, variant: str, args: argparse.Namespace) -> 
     method, bits, rank = (variant.split(":") + ["", ""])[:3]
     cmd = ["finetune", "--model", str(model), "--data", DATA, "--method", method, "--out", str(out)]
     cmd += ["--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    cmd += ["--lr", str(args.lr), "--save-steps", "5", "--quiet"]
+    cmd += ["--lr", str(args.lr), "--save-steps", "5", "--eval-steps", str(args.eval_steps), "--keep", args.keep]
+    cmd += ["--quiet"]
     if method == "group-lora":
         cmd += ["--bits", bits or str(args.bits), "--group-size", str(args.group_size)]
     # Rank 8 unless the variant says otherwise (explicit: saap finetune's default differs per method);
@@ -97,6 +98,8 @@ def finetune(model: Path, out: Path, variant: str, args: argparse.Namespace) -> 
         "resumed_from_step": meta["resumed_from_step"],
         "trainable_params": meta["trainable_params"],
         "eval_loss": meta["eval_loss"],
+        "eval_loss_log": meta.get("eval_loss_log"),
+        "kept": meta.get("kept"),
         "train_loss": meta["train_loss"],
         "quantized": meta["quantized"],
         "peak_rss_phases_mb": meta.get("peak_rss_mb"),  # before training / training loop / through merge
@@ -134,15 +137,15 @@ def markdown(data: dict) -> str:
         "training loop's own peak (sampled every 10 ms; it includes the model held for training).",
         "",
         "| ratio | model | train (s) | s/step | peak RSS (MB) | training peak (MB) | val loss before → after "
-        "| WikiText-2 | PTB | 7-task avg |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kept step | WikiText-2 | PTB | 7-task avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ratio, r in data["ratios"].items():
         before = r.get("pruned_eval")
         if before:
             ppl = before["perplexity"]
             lines.append(
-                f"| {ratio} | pruned (before) | — | — | — | — | — | {fmt(ppl['wikitext2'])} | {fmt(ppl['ptb'])} | "
+                f"| {ratio} | pruned (before) | — | — | — | — | — | — | {fmt(ppl['wikitext2'])} | {fmt(ppl['ptb'])} | "
                 f"{fmt(before['zeroshot_average'], 4)} |"
             )
         for method in data["settings"]["variants"]:
@@ -163,7 +166,8 @@ def markdown(data: dict) -> str:
             lines.append(
                 f"| {ratio} | + {label} | {fmt(ft['train_seconds'], 0)}{resumed} | {per_step} | "
                 f"{ft['peak_rss_mb'] or '—'} | {training_peak(ft) or '—'} | "
-                f"{fmt(loss['parent'], 3)} → {fmt(loss['after'], 3)}{start} | {fmt(ppl.get('wikitext2'))} | "
+                f"{fmt(loss['parent'], 3)} → {fmt(loss['after'], 3)}{start} | {kept_step(ft)} | "
+                f"{fmt(ppl.get('wikitext2'))} | "
                 f"{fmt(ppl.get('ptb'))} | {fmt(ev['zeroshot_average'], 4) if ev else '—'} |"
             )
     if any(r.get(v, {}).get("resumed_from_step") for r in data["ratios"].values() for v in s["variants"]):
@@ -174,12 +178,39 @@ def markdown(data: dict) -> str:
             "s/step is that segment's time over its steps, and peak RSS is the resumed process's (it too loads, "
             "trains, merges and saves).",
         ]
+    curves = held_out_curves(data)
+    if curves:
+        lines += [
+            "",
+            f"Held-out loss during training ({s.get('keep', 'last')} kept; every {s.get('eval_steps')} steps):",
+            "",
+        ]
+        lines += curves
     lines += ["", "Pruning: " + "; ".join(f"{k}: {v['summary']}" for k, v in data["ratios"].items() if "summary" in v)]
     if data.get("missing"):
         lines += ["", f"**Not finished in this session:** {', '.join(data['missing'])} (re-run the command to resume)."]
     if data.get("verdict"):
         lines += ["", data["verdict"]]
     return "\n".join(lines) + "\n"
+
+
+def kept_step(finetune: dict) -> str:
+    kept = finetune.get("kept")
+    return "last" if not kept else f"{kept['step']} ({kept['policy']})"
+
+
+def held_out_curves(data: dict) -> list[str]:
+    """One line per run: the held-out loss every few steps (shows where the adapters start to memorise)."""
+    lines = []
+    for ratio, r in data["ratios"].items():
+        for method in data["settings"]["variants"]:
+            log = (r.get(method) or {}).get("eval_loss_log")
+            if log:
+                stride = max(1, len(log) // 8)
+                points = ", ".join(f"{step}: {loss:.3f}" for step, loss in log[stride - 1 :: stride])
+                best = min(log, key=lambda e: e[1])
+                lines.append(f"- {ratio} {method}: {points} (lowest {best[1]:.3f} at step {best[0]})")
+    return lines
 
 
 def training_minutes(data: dict) -> str:
@@ -233,6 +264,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--eval-steps", type=int, default=25, help="held-out loss every N fine-tuning steps")
+    parser.add_argument("--keep", default="best", help="merge the best (held-out loss) or the last adapter")
     parser.add_argument("--ppl-windows", type=int, default=64)
     parser.add_argument("--limit", type=int, default=10, help="zero-shot documents per task (0: skip zero-shot)")
     parser.add_argument("--work", type=Path, default=WORK, help="pruned/fine-tuned models and stored stages")

@@ -171,6 +171,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         val_size=args.val_size,
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
+        eval_steps=args.eval_steps,
+        keep=args.keep,
         seed=args.seed,
     )
     record = finetune(args.model, args.data, args.out, settings, progress=not args.quiet, overwrite=args.overwrite)
@@ -181,7 +183,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     quantized = f", quantized form in {args.out}/{record['quantized']['dir']}" if record["quantized"] else ""
     print(
         f"fine-tuned {args.model} ({args.method}, {record['steps']} steps, {record['train_seconds']:.0f}s): "
-        f"validation loss {fmt(losses['parent'])} -> {fmt(losses['after'])} -> {args.out}{quantized}"
+        f"validation loss {fmt(losses['parent'])} -> {fmt(losses['after'])} "
+        f"(kept step {record['kept']['step']}, {record['kept']['policy']}) -> {args.out}{quantized}"
     )
 
 
@@ -363,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=32, help="held-out examples for the validation loss")
     p.add_argument("--save-steps", type=int, default=25, help="steps between resumable checkpoints")
     p.add_argument("--logging-steps", type=int, default=10, help="steps between logged losses")
+    p.add_argument("--eval-steps", type=int, default=50, help="steps between held-out loss evaluations (0: none)")
+    p.add_argument(
+        "--keep", default="best", help="merge the adapter of the lowest held-out loss (best, default) or the last"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output checkpoint directory (merged float model)")
     p.add_argument(

@@ -85,6 +85,8 @@ class FinetuneConfig(Section):
     seq_len: int = 256
     val_size: int = 32
     save_steps: int = 25
+    eval_steps: int = 50
+    keep: Literal["best", "last"] = "best"
     seed: int = 0
 
 

@@ -176,6 +176,46 @@ def test_resume_continues_from_the_saved_step(checkpoint, alpaca, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
+# At this learning rate the tiny model's held-out loss falls, then rises again before step 12.
+OVERSHOOT = dict(lr=0.1, max_steps=12, eval_steps=2)
+
+
+def test_the_adapter_of_the_lowest_held_out_loss_is_merged(checkpoint, alpaca, tmp_path):
+    best = finetune(str(checkpoint), str(alpaca), str(tmp_path / "best"), tiny_settings(**OVERSHOOT), progress=False)
+    log = best["eval_loss_log"]
+    assert [step for step, _ in log] == [2, 4, 6, 8, 10, 12]
+    step, loss = min(log, key=lambda entry: entry[1])
+    assert step < 12 and loss < log[-1][1]  # the case where keeping the best matters
+    assert best["kept"] == {"policy": "best", "step": step}
+    assert best["eval_loss"]["after"] == pytest.approx(loss, abs=1e-4)  # the merged model is that step's
+
+    settings = tiny_settings(**OVERSHOOT, keep="last")
+    last = finetune(str(checkpoint), str(alpaca), str(tmp_path / "last"), settings, progress=False)
+    assert last["eval_loss_log"] == log and last["kept"] == {"policy": "last", "step": 12}
+    assert last["eval_loss"]["after"] == pytest.approx(log[-1][1], abs=1e-4)
+
+
+class InterruptAfterBest(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 11:  # checkpoint-10 is saved; the rest of the run is worse than step 10
+            raise KeyboardInterrupt
+
+
+def test_resume_keeps_the_best_adapter_seen_before_the_interruption(checkpoint, alpaca, tmp_path):
+    settings = tiny_settings(**OVERSHOOT)
+    straight = finetune(str(checkpoint), str(alpaca), str(tmp_path / "straight"), settings, progress=False)
+    out = tmp_path / "ft"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(checkpoint), str(alpaca), str(out), settings, progress=False, callbacks=[InterruptAfterBest()])
+    assert {"best.json", "best_adapter.safetensors"} <= {
+        p.name for p in (tmp_path / "ft.partial/checkpoint-10").iterdir()
+    }
+    resumed = finetune(str(checkpoint), str(alpaca), str(out), settings, progress=False)
+    assert resumed["resumed_from_step"] == 10
+    assert resumed["kept"] == straight["kept"] and resumed["kept"]["step"] < 12
+    assert resumed["eval_loss"]["after"] == pytest.approx(straight["eval_loss"]["after"], abs=1e-5)
+
+
 def run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -202,6 +242,8 @@ def test_cli_finetune_says_once_that_it_truncated(capsys, checkpoint, alpaca, tm
         (None, ["--group-size", "48"], "--group-size must be one of"),
         (None, ["--bits", "3"], "--bits must be one of"),
         (None, ["--method", "full"], "unknown fine-tuning method"),
+        (None, ["--keep", "first"], "--keep must be one of"),
+        (None, ["--eval-steps", "-1"], "--eval-steps must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(capsys, checkpoint, alpaca, tmp_path, content, extra, fragment):
