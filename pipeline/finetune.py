@@ -5,6 +5,9 @@ Methods
                 adapters, folded exactly into the groups' offsets (see ``pipeline.group_lora``).
     lora        plain LoRA through ``peft``, merged with ``merge_and_unload`` (LLM-Pruner's recovery).
 
+The held-out loss is measured every ``eval_steps`` and, by default, the adapter of its lowest
+value is the one merged (``KeepBest``), since a long budget on ~1k records over-fits.
+
 Training goes through the Hugging Face ``Trainer`` (so ``accelerate launch`` runs it data-parallel),
 with its checkpoints rewritten as safetensors + JSON (no pickle). Intermediate checkpoints live in
 ``<out>.partial/``; re-running the same command after an interruption continues from the last one,
@@ -679,6 +682,9 @@ def finetune(
         data_seed=settings.seed,
         report_to=[],
         disable_tqdm=not progress,
+        # Without a GPU, say so: only then does a torchrun / `accelerate launch` start on CPU go
+        # data-parallel (gloo) instead of every process training alone and writing the same output.
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
@@ -752,6 +758,7 @@ def finetune(
         "adapted_linears": adapted,
         "trainable_params": trainable,
         "params": params,
+        "processes": trainer.args.world_size,  # > 1 under `accelerate launch` (data-parallel)
         "steps": trainer.state.global_step,
         "resumed_from_step": int(resume_from.name.rsplit("-", 1)[1]) if resume_from else None,
         # The Trainer's own average covers only the last segment of a resumed run: use the log.

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,6 +216,21 @@ def test_resume_keeps_the_best_adapter_seen_before_the_interruption(checkpoint, 
     assert resumed["resumed_from_step"] == 10
     assert resumed["kept"] == straight["kept"] and resumed["kept"]["step"] < 12
     assert resumed["eval_loss"]["after"] == pytest.approx(straight["eval_loss"]["after"], abs=1e-5)
+
+
+def test_two_processes_train_data_parallel_without_code_changes(checkpoint, alpaca, tmp_path):
+    """torchrun with two CPU processes (gloo): what `accelerate launch --multi_gpu` starts, one per GPU
+    (accelerate itself needs mpirun for several CPU processes)."""
+    out = tmp_path / "ft"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--model", str(checkpoint), "--data", str(alpaca), "--out", str(out), "--max-steps", "4"]
+    args += ["--val-size", "4", "--save-steps", "2", "--eval-steps", "2", "--quiet"]
+    done = subprocess.run([*launch, "-m", "pipeline.cli", "finetune", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("fine-tuned") == 1  # only the main process writes and reports
+    meta = json.loads((out / "saap.json").read_text())
+    assert meta["processes"] == 2 and meta["steps"] == 4 and meta["eval_loss"]["after"] < meta["eval_loss"]["start"]
+    assert not (tmp_path / "ft.partial").exists()
 
 
 def run(capsys, *argv):
