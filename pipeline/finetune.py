@@ -25,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ METHODS = ("group-lora", "lora")
 KEEP = ("best", "last")
 # group-lora's A reads in/g pooled inputs instead of in, so at one rank it trains about half of
 # LoRA's parameters; rank 16 gives it LoRA-rank-8's count. Measured (held-out Alpaca loss, SAAP
-# 20 %, 20 steps): group-lora r8 2.697, r16 2.591, lora r8 2.632 (benchmarks/results/recovery-*).
+# 20 %, 20 steps): group-lora r8 2.697, r16 2.591, lora r8 2.632 (benchmarks/results/recovery-20-*).
 DEFAULT_RANKS = {"group-lora": 16, "lora": 8}
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100  # label of tokens left out of the loss (prompt and padding)
@@ -459,7 +460,7 @@ class KeepBest(TrainerCallback):
     the merged model is the best one seen, not the last. The curve and the best copy go into every
     checkpoint, so a resumed run keeps them."""
 
-    def __init__(self, held_out_loss, every: int, resume_from: Path | None):
+    def __init__(self, held_out_loss: Callable[[torch.nn.Module], float | None], every: int, resume_from: Path | None):
         self.held_out_loss, self.every = held_out_loss, every
         self.log: list[tuple[int, float]] = []
         self.best: tuple[int, float] | None = None
@@ -477,7 +478,7 @@ class KeepBest(TrainerCallback):
             return
         loss = self.held_out_loss(model)
         self.log.append((state.global_step, loss))
-        if math.isfinite(loss) and (self.best is None or loss < self.best[1]):
+        if loss is not None and math.isfinite(loss) and (self.best is None or loss < self.best[1]):
             self.best, self.best_state = (state.global_step, loss), trainable_state(model)
 
     def on_save(self, args, state, control, **kwargs) -> None:

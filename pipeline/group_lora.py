@@ -24,7 +24,7 @@ at LoRA's scale. The average divides the adapter's effect on the output by ``g``
 on ``A`` stays the same size: measured on SmolLM2-135M pruned 20 % (an earlier prune), 20 steps
 at lr 1e-3, average pooling lowered the held-out loss 3.596 -> 3.440 where plain LoRA reached 2.969;
 with the sum, on the current prune, 3.286 -> 2.697 (rank 8) and 2.591 (rank 16) vs LoRA's 2.632
-(``benchmarks/results/recovery-smollm2-135m.md``). The two differ
+(``benchmarks/results/recovery-20-smollm2-135m.md``). The two differ
 only by a constant factor, so the merge is exact either way. (peft's QALoRA variant also rescales
 its pooled input.)
 
