@@ -357,6 +357,27 @@ def load_state(directory: Path, stem: str) -> Any:
     return _decode(tree, load_file(directory / f"{stem}.safetensors"))
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the parameters being trained (the adapters)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` (from ``trainable_state`` or a checkpoint) into the model's trainable parameters."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(params):
+        raise SaapError(f"{source} does not match this run's adapters")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def saved_checkpoint(args: TrainingArguments, state) -> Path | None:
+    """The checkpoint directory the Trainer just wrote, on the process that writes files."""
+    checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    return checkpoint if state.is_world_process_zero and checkpoint.is_dir() else None
+
+
 class SafetensorsTrainer(Trainer):
     """A ``Trainer`` whose checkpoints hold only safetensors + JSON: the trainable (adapter)
     parameters, optimizer + scheduler state, RNG states; no ``torch.save`` anywhere, and no
@@ -369,18 +390,11 @@ class SafetensorsTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         directory = Path(output_dir or self.args.output_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(trainable, directory / ADAPTER_FILE)
+        save_file(trainable_state(self.model), directory / ADAPTER_FILE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        model = self.model if model is None else model
         state = load_file(Path(resume_from_checkpoint) / ADAPTER_FILE)
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if set(state) != set(params):
-            raise SaapError(f"checkpoint '{resume_from_checkpoint}' does not match this run's adapters")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable(self.model if model is None else model, state, f"checkpoint '{resume_from_checkpoint}'")
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.args.should_save:
@@ -443,13 +457,8 @@ class ElapsedTime(TrainerCallback):
         return self.previous + time.perf_counter() - self.started
 
     def on_save(self, args, state, control, **kwargs) -> None:
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and checkpoint.is_dir():
+        if checkpoint := saved_checkpoint(args, state):
             write_json_atomic(checkpoint / ELAPSED_FILE, {"train_seconds": self.seconds()})
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 class KeepBest(TrainerCallback):
@@ -482,17 +491,14 @@ class KeepBest(TrainerCallback):
             self.best, self.best_state = (state.global_step, loss), trainable_state(model)
 
     def on_save(self, args, state, control, **kwargs) -> None:
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and checkpoint.is_dir():
+        if checkpoint := saved_checkpoint(args, state):
             if self.best_state is not None:
                 save_file(self.best_state, checkpoint / BEST_ADAPTER_FILE)
             write_json_atomic(checkpoint / BEST_JSON, {"log": self.log, "best": self.best})
 
     def restore_best(self, model: torch.nn.Module) -> None:
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            for name, value in (self.best_state or {}).items():
-                params[name].copy_(value)
+        if self.best_state is not None:
+            load_trainable(model, self.best_state, "the best adapter")
 
 
 def last_checkpoint(partial: Path) -> Path | None:
