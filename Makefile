@@ -7,7 +7,7 @@ CONFIG ?= configs/smollm2-135m.yaml
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/install-llama-cpp.sh runtime/llama_build.py
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 

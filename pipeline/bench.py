@@ -68,6 +68,7 @@ ENGINE_DEVICES = {
     "onnx": ("cpu", "cuda", "tensorrt"),
     "gguf": ("cpu", "cuda", "metal"),
 }
+WORKER_ARGS = ["-m", "pipeline.bench_worker"]  # the child's command line after the interpreter
 SLOWDOWN_ENV = "SAAP_BENCH_INJECT_SLOWDOWN"  # CI self-test: pruned models decode this many times slower
 LLAMACPP_REF = " [llama.cpp file]"
 
@@ -656,6 +657,10 @@ def environment(runs: list[RunConfig]) -> dict[str, Any]:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     env["libraries"] = {k: v for k, v in env["libraries"].items() if v}
+    if any(r.engine == "gguf" for r in runs):
+        from runtime.gguf_engine import build_info
+
+        env["llama_cpp_build"] = build_info()  # the kernels compiled in: what a gguf speed depends on
     env["hardware_fingerprint"] = hardware_fingerprint(env)
     return env
 
@@ -663,18 +668,26 @@ def environment(runs: list[RunConfig]) -> dict[str, Any]:
 # --- running --------------------------------------------------------------------------------------------
 
 
+class WorkerDied(SaapError):
+    """A worker ended without answering: killed by a signal (a native crash) or exited mid-protocol."""
+
+
 class Worker:
     """A ``pipeline.bench_worker`` child holding one loaded engine."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], site: Path | None = None):
+        """``site``: a directory of packages imported ahead of this environment's (another llama-cpp-python
+        build, for benchmarks/llama_cpp_builds.py)."""
+        from runtime.native import child_env
+
         self.config = config
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
-        env["OMP_NUM_THREADS"] = str(config["threads"])  # no oversubscription by a library's own pool
+        env = child_env(config["threads"])
+        if site is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
         env.pop(SLOWDOWN_ENV, None)  # the fault is injected only through config["slowdown"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.bench_worker", json.dumps(config)],
+            [sys.executable, *WORKER_ARGS, json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
@@ -688,18 +701,32 @@ class Worker:
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline()
         if not line:
-            self.proc.wait()
-            self.stderr.seek(0)
-            tail = [ln for ln in self.stderr.read().splitlines() if ln.strip()][-1:] or ["no output"]
-            raise SaapError(
-                f"benchmark worker for {self.config['engine']} '{self.config['artifact']}' died "
-                f"(exit {self.proc.returncode}): {tail[0]}"
-            )
+            raise WorkerDied(self._death())
         return json.loads(line)
 
+    def _death(self) -> str:
+        """What ended the child, in one line (with the rebuild command if llama.cpp was killed)."""
+        self.proc.wait()
+        what = f"{self.config['engine']} '{self.config['artifact']}'"
+        if self.config["engine"] == "gguf" and self.proc.returncode < 0:
+            from runtime.gguf_engine import crash_message
+
+            return crash_message(f"(benchmark worker for {what})", self.proc.returncode)
+        from runtime.native import exit_description
+
+        self.stderr.seek(0)
+        tail = [ln for ln in self.stderr.read().splitlines() if ln.strip()][-1:] or ["no output"]
+        return f"benchmark worker for {what} died ({exit_description(self.proc.returncode)}): {tail[0]}"
+
+    def _send(self, message: Any) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # it died since the last answer
+            raise WorkerDied(self._death()) from None
+
     def measure(self, prompt_tokens: int, gen_tokens: int) -> dict[str, float]:
-        self.proc.stdin.write(json.dumps({"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens}) + "\n")
-        self.proc.stdin.flush()
+        self._send({"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens})
         result = self._read()
         if result.get("ok") is False:
             raise SaapError(result["error"])
@@ -707,8 +734,7 @@ class Worker:
 
     def close(self) -> dict[str, float | None]:
         """Stop the child; its peak RSS (MB, from the kernel's accounting) and peak GPU memory."""
-        self.proc.stdin.write(json.dumps("quit") + "\n")
-        self.proc.stdin.flush()
+        self._send("quit")
         final = self._read()
         self.proc.wait()
         self.stderr.close()
@@ -824,8 +850,9 @@ def _run_group(
             }
         prepared.append((model, artifact, size, decode_bytes(run, artifact, config)))
     workers: dict[str, Worker] = {}
+    failed: dict[str, str] = {}  # label -> why its worker died; the other models go on
     samples: dict[str, dict[int, dict[str, list[float]]]] = {}
-    out = []
+    memory: dict[str, dict[str, float | None]] = {}
     try:
         for model, artifact, _, _ in prepared:
             if bar is not None:
@@ -839,52 +866,79 @@ def _run_group(
                 "n_gpu_layers": run.n_gpu_layers,
                 "slowdown": settings.slowdown if model.parent else 1.0,
             }
-            workers[model.label] = Worker(config)
             samples[model.label] = {p: {"prefill_s": [], "decode_s": [], "ttft_s": []} for p in settings.prompt_tokens}
+            try:
+                workers[model.label] = Worker(config)
+            except WorkerDied as e:
+                failed[model.label] = str(e)
         order = [m.label for m, *_ in prepared]
         for p in settings.prompt_tokens:
             for round_ in range(settings.warmup + settings.repeats):
                 # A B A B, reversed every other round so neither model always runs right after the other
                 for label in order if round_ % 2 == 0 else order[::-1]:
+                    if label in failed:
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                     if bar is not None:
                         bar.set_description(f"{label} {run.key} p{p}")
-                    result = workers[label].measure(p, settings.gen_tokens)
+                    try:
+                        result = workers[label].measure(p, settings.gen_tokens)
+                    except WorkerDied as e:
+                        failed[label] = str(e)
+                        continue
                     if round_ >= settings.warmup:
                         for k in samples[label][p]:
                             samples[label][p][k].append(result[k])
                     if bar is not None:
                         bar.update(1)
-        memory = {label: w.close() for label, w in workers.items()}
+        for label, w in workers.items():
+            if label not in failed:
+                try:
+                    memory[label] = w.close()
+                except WorkerDied as e:
+                    failed[label] = str(e)
     finally:
         for w in workers.values():
             w.kill()
+    out = []
     for model, artifact, size, weight_bytes in prepared:
-        by_prompt = {}
-        for p, s in samples[model.label].items():
-            by_prompt[str(p)] = {
-                "prefill_tok_s": summarize([p / t for t in s["prefill_s"]], 2),
-                "decode_tok_s": summarize([settings.gen_tokens / t for t in s["decode_s"]], 2),
-                "ttft_ms": summarize([t * 1000 for t in s["ttft_s"]], 2),
-                "decode_tok_s_runs": [round(settings.gen_tokens / t, 3) for t in s["decode_s"]],
-                "prefill_tok_s_runs": [round(p / t, 3) for t in s["prefill_s"]],
-            }
-        out.append(
-            {
-                "model": model.label,
-                "engine": run.engine,
-                "device": run.device,
-                "quant": run.quant,
-                "threads": run.threads,
-                "n_gpu_layers": run.n_gpu_layers,
-                "artifact": str(artifact),
-                "artifact_bytes": size,
-                "decode_weight_bytes": weight_bytes,
-                "load_s": workers[model.label].ready.get("load_s"),
-                **memory[model.label],
-                "by_prompt": by_prompt,
-            }
-        )
+        row = {
+            "model": model.label,
+            "engine": run.engine,
+            "device": run.device,
+            "quant": run.quant,
+            "threads": run.threads,
+            "n_gpu_layers": run.n_gpu_layers,
+            "artifact": str(artifact),
+            "artifact_bytes": size,
+            "decode_weight_bytes": weight_bytes,
+        }
+        if model.label in failed:
+            out.append(row | {"failed": failed[model.label], "by_prompt": {}})
+            continue
+        row |= {"load_s": workers[model.label].ready.get("load_s"), **memory[model.label]}
+        out.append(row | {"by_prompt": _by_prompt(samples[model.label], settings)})
     return out
+
+
+def _by_prompt(samples: dict[int, dict[str, list[float]]], settings: BenchSettings) -> dict[str, dict[str, Any]]:
+    """Per prompt length: medians with min-max of the measured repeats, and the raw per-repeat rates."""
+    by_prompt = {}
+    for p, s in samples.items():
+        by_prompt[str(p)] = {
+            "prefill_tok_s": summarize([p / t for t in s["prefill_s"]], 2),
+            "decode_tok_s": summarize([settings.gen_tokens / t for t in s["decode_s"]], 2),
+            "ttft_ms": summarize([t * 1000 for t in s["ttft_s"]], 2),
+            "decode_tok_s_runs": [round(settings.gen_tokens / t, 3) for t in s["decode_s"]],
+            "prefill_tok_s_runs": [round(p / t, 3) for t in s["prefill_s"]],
+        }
+    return by_prompt
+
+
+def failures(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The result rows whose worker died (their ``failed`` says why)."""
+    return [r for r in doc["results"] if r.get("failed")]
 
 
 def _run_key(r: dict[str, Any]) -> tuple:
@@ -898,7 +952,7 @@ def speedups(doc: dict[str, Any]) -> list[dict[str, Any]]:
     for r in doc["results"]:
         parent = doc["models"].get(r["model"], {}).get("parent")
         dense = by_key.get((parent, *_run_key(r))) if parent else None
-        if dense is None:
+        if dense is None or dense.get("failed") or r.get("failed"):
             continue
         ideal = dense["decode_weight_bytes"] / r["decode_weight_bytes"]
         for p, stats in r["by_prompt"].items():
@@ -930,7 +984,7 @@ def references(doc: dict[str, Any]) -> list[dict[str, Any]]:
         if not r["model"].endswith(LLAMACPP_REF):
             continue
         ours = by_key.get((r["model"][: -len(LLAMACPP_REF)], *_run_key(r)))
-        if ours is None:
+        if ours is None or ours.get("failed") or r.get("failed"):
             continue
         for p, stats in r["by_prompt"].items():
             ratio = paired_speedup(ours["by_prompt"][p]["decode_tok_s_runs"], stats["decode_tok_s_runs"])
@@ -970,6 +1024,9 @@ def format_table(doc: dict[str, Any], markdown: bool = False) -> str:
     ]  # fmt: skip
     rows = []
     for r in doc["results"]:
+        if r.get("failed"):  # its worker died: the reason is listed under the table
+            rows.append([r["model"], r["engine"], r["device"], r["quant"], str(r["threads"]), "", "FAILED", "FAILED"])
+            rows[-1] += [""] * (len(header) - len(rows[-1]))
         for p, s in r["by_prompt"].items():
             sp = speed.get((r["model"], r["engine"], r["device"], r["quant"], r["threads"], p))
             d = s["decode_tok_s"]
@@ -992,13 +1049,15 @@ def format_table(doc: dict[str, Any], markdown: bool = False) -> str:
                     f"{sp['efficiency']:.2f}" if sp else "",
                 ]  # fmt: skip
             )
+    failed = [f"FAILED {r['model']} {r['engine']} {r['quant']}: {r['failed']}" for r in failures(doc)]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines + ([""] + [f"- {line}" for line in failed] if failed else []))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + failed)
 
 
 def format_references(doc: dict[str, Any]) -> str:
@@ -1047,9 +1106,10 @@ def plot(doc: dict[str, Any], out_png: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    prompt = str(min(int(p) for p in doc["results"][0]["by_prompt"])) if doc["results"] else "0"
-    runs = sorted({f"{r['engine']} {r['quant']}\n{r['device']} t{r['threads']}" for r in doc["results"]})
-    models = list(dict.fromkeys(r["model"] for r in doc["results"]))
+    prompt = str(min(doc["settings"]["prompt_tokens"]))
+    measured = [r for r in doc["results"] if not r.get("failed")]  # a failed run has no bar
+    runs = sorted({f"{r['engine']} {r['quant']}\n{r['device']} t{r['threads']}" for r in measured})
+    models = list(dict.fromkeys(r["model"] for r in measured))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(runs) * max(1, len(models)) / 2), 4.5))
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(runs))
@@ -1059,7 +1119,7 @@ def plot(doc: dict[str, Any], out_png: Path) -> None:
             r = next(
                 (
                     r
-                    for r in doc["results"]
+                    for r in measured
                     if r["model"] == model and f"{r['engine']} {r['quant']}\n{r['device']} t{r['threads']}" == run
                 ),
                 None,

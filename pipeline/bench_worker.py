@@ -100,6 +100,7 @@ def main() -> int:
         threads=config.get("threads"),
         n_ctx=config.get("n_ctx", 2048),
         n_gpu_layers=config.get("n_gpu_layers", 0),
+        probe=False,  # this process is the child: if llama.cpp kills it, the parent reports a failed row
     )
     try:
         started = time.perf_counter()

@@ -239,6 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import (
         BenchSettings,
         compare,
+        failures,
         format_references,
         format_regressions,
         format_table,
@@ -279,11 +280,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         written = write_outputs(doc, args.out)
         print(f"wrote {', '.join(str(p) for p in written)}")
+    regressions = None
     if baseline is not None:
         regressions = compare(doc, baseline, args.tolerance, absolute=not args.ratios_only)
         print(format_regressions(regressions, args.tolerance))
-        return 1 if regressions else 0
-    return 0
+    if failures(doc):  # every other run was measured and written; the first failure is the error line
+        failed = failures(doc)
+        written_note = f"; the other results are in {args.out}" if args.out else ""
+        raise SaapError(f"{len(failed)} benchmark run(s) failed: {failed[0]['failed']}{written_note}")
+    return 1 if regressions else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,6 +63,10 @@ def throughput_rows(bench: dict | None) -> list[dict]:
     """``saap bench``'s results flattened to one row per (model, engine, quantization, prompt length)."""
     rows = []
     for r in (bench or {}).get("results", []):
+        if r.get("failed"):  # a worker that died (e.g. llama.cpp by SIGILL): a row saying so, not a gap
+            setup = f"{r['engine']} {r.get('quant') or ''}".strip()
+            rows.append({"model": r["model"], "setup": setup, "failed": r["failed"], "prompt_tokens": "–"})
+            rows[-1] |= {"prefill": None, "decode": None, "ttft_ms": None, "artifact_bytes": r.get("artifact_bytes")}
         for prompt, m in (r.get("by_prompt") or {}).items():
             rows.append(
                 {
@@ -244,7 +248,7 @@ def build_markdown(data: dict, config: RunConfig, charts: dict[str, str]) -> str
                 r["setup"],
                 r["prompt_tokens"],
                 _fmt(r["prefill"], 1),
-                _fmt(r["decode"], 1),
+                f"FAILED: {r['failed']}" if r.get("failed") else _fmt(r["decode"], 1),
                 _fmt(r["ttft_ms"], 0),
                 _mib(r["artifact_bytes"]) if r["artifact_bytes"] else "–",
             ]

@@ -74,10 +74,14 @@ def _die_with_parent() -> None:
 class ChildResult:
     wall_s: float
     peak_rss_mb: int
+    error: str | None = None  # the child's one-line error, with check=False
 
 
-def run_saap(args: list[str], log: Path) -> ChildResult:
-    """``saap ARGS`` in a child process: progress bars on our stderr, its stdout into ``log``."""
+def run_saap(args: list[str], log: Path, check: bool = True) -> ChildResult:
+    """``saap ARGS`` in a child process: progress bars on our stderr, its stdout into ``log``.
+
+    A non-zero exit raises (``check``) or comes back as ``error``.
+    """
     started = time.perf_counter()
     with open(log, "a") as out:
         out.write(f"$ saap {' '.join(args)}\n")
@@ -95,10 +99,15 @@ def run_saap(args: list[str], log: Path) -> ChildResult:
             errors = (errors + [line.strip()])[-3:]
         _, status, usage = os.wait4(child.pid, 0)
     code = os.waitstatus_to_exitcode(status)
+    result = ChildResult(time.perf_counter() - started, round(usage.ru_maxrss / 1024))
     if code != 0:
+        from runtime.native import exit_description
+
         reason = next((e for e in reversed(errors) if e.startswith("saap: error:")), errors[-1] if errors else "")
-        raise SaapError(f"'saap {args[0]}' exited with {code}: {reason.removeprefix('saap: error: ')}")
-    return ChildResult(time.perf_counter() - started, round(usage.ru_maxrss / 1024))
+        result.error = f"'saap {args[0]}' {exit_description(code)}: {reason.removeprefix('saap: error: ')}"
+        if check:
+            raise SaapError(result.error)
+    return result
 
 
 @dataclass
@@ -281,9 +290,19 @@ def _bench_section(ctx: Context):
     return bench
 
 
+def _bench_settings(ctx: Context) -> dict[str, Any]:
+    settings = _bench_section(ctx).model_dump()
+    if "gguf" in settings["engines"]:  # a rebuilt llama.cpp (say, after a SIGILL) measures again
+        from runtime.gguf_engine import build_info
+
+        settings["llama_cpp_build"] = build_info()
+    return settings
+
+
 def _bench_run(ctx: Context, out: Path) -> list[dict]:
     models = [ctx.config.model, ctx.final_model]
-    return [_command(["bench", "--models", *models, *_bench_section(ctx).flags(), "--out", out / "bench.json"])]
+    args = ["bench", "--models", *models, *_bench_section(ctx).flags(), "--out", out / "bench.json"]
+    return [_command(args, partial="bench.json")]
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -335,7 +354,7 @@ PIPELINE = [
     Stage(
         "bench",
         _bench_inputs,
-        lambda ctx: _bench_section(ctx).model_dump(),
+        _bench_settings,
         _bench_run,
         lambda ctx: ctx.config.bench.enabled,
     ),
@@ -344,9 +363,13 @@ PIPELINE = [
 assert tuple(s.name for s in PIPELINE) == STAGES
 
 
-def _command(args: list[Any]) -> dict:
-    """A pending ``saap`` command; ``_execute`` runs it (kept as data so stage.json can record it)."""
-    return {"args": [str(a) for a in args]}
+def _command(args: list[Any], partial: str | None = None) -> dict:
+    """A pending ``saap`` command; ``_execute`` runs it (kept as data so stage.json can record it).
+
+    ``partial``: an output the command still writes when part of it fails (``saap bench`` with a run
+    whose worker died); if it exists, the failure is recorded and the pipeline goes on to the report.
+    """
+    return {"args": [str(a) for a in args]} | ({"partial": partial} if partial else {})
 
 
 def _read_stage(directory: Path) -> dict | None:
@@ -390,12 +413,17 @@ def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict)
     peak = 0
     log = tmp / "log.txt"
     log.touch()
-    ran = []
+    ran, errors = [], []
     for command in stage.run(ctx, tmp):
         if command.get("reused"):
             ran.append(command)
             continue
-        result = run_saap(command["args"], log)
+        partial = command.get("partial")
+        result = run_saap(command["args"], log, check=partial is None)
+        if result.error:
+            if not (tmp / partial).is_file():
+                raise SaapError(result.error)
+            errors.append(result.error.replace(str(tmp), str(final)))
         peak = max(peak, result.peak_rss_mb)
         # Record the command as it reads for the finished stage, not for its temporary directory.
         args = [a.replace(str(tmp), str(final)) for a in command["args"]]
@@ -413,6 +441,8 @@ def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict)
         "peak_rss_mb": peak,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if errors:
+        record["errors"] = errors
     dense_key = tmp / ".dense_key"
     if dense_key.is_file():
         record["dense_key"] = dense_key.read_text()
@@ -484,10 +514,16 @@ def run_pipeline(
             }
         )
         note = "up to date" if status != "ran" else _format_seconds(record["wall_s"])
+        if record.get("errors"):
+            note += f", with errors: {record['errors'][0]}"
         print(f"{label} {status:<7} {note}  peak RSS {record['peak_rss_mb']} MB", flush=True)
     if "report" in ctx.records:
         _publish_report(ctx.run_dir)
     _clean_leftovers(ctx.run_dir)
+    failed = [e for record in ctx.records.values() for e in record.get("errors", [])]
+    if failed:  # after the report: it shows what did run, and the failed rows
+        print(summary_table(summary), flush=True)
+        raise SaapError(f"{failed[0]} (the report covers everything else: {ctx.run_dir / 'report.html'})")
     return summary
 
 

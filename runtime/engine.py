@@ -30,6 +30,9 @@ class EngineSettings:
     threads: int | None = None  # None: the runtime's default (usually all physical cores)
     n_ctx: int = 2048  # llama.cpp context size
     n_gpu_layers: int = 0  # llama.cpp offload; -1 = all layers (the default on a GPU device)
+    # llama.cpp: run the file once in a child first, so a build this CPU cannot run is an error, not a
+    # signal (runtime.native). Off where the caller is itself such a child (the bench worker, the probe).
+    probe: bool = True
 
 
 class Engine(ABC):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from runtime.engine import Engine, EngineSettings
 from runtime.errors import SaapError
+from runtime.native import exit_description, run_module
 
 
 def check_gguf_file(path: Path) -> None:
@@ -66,6 +69,63 @@ def gpu_layers(settings: EngineSettings, supports_offload: bool) -> int:
     return layers
 
 
+class NativeCrash(SaapError):
+    """llama.cpp killed the process that ran it (a signal): the build has kernels this CPU cannot run."""
+
+
+def crash_message(what: str, returncode: int) -> str:
+    """One line: what failed, how, and the rebuild command that gives a build this CPU runs."""
+    from runtime.llama_build import rebuild_command
+
+    return (
+        f"llama.cpp {what} was {exit_description(returncode)}: this llama-cpp-python build has kernels this CPU "
+        f"cannot run; rebuild it with: {rebuild_command()}  (or: bash scripts/install-llama-cpp.sh)"
+    )
+
+
+def build_info() -> str:
+    """The installed llama-cpp-python and what its llama.cpp was compiled with (AVX2 = 1, AMX_INT8 = 1, ...)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return "not installed"
+    return f"llama-cpp-python {llama_cpp.__version__}: {llama_cpp.llama_print_system_info().decode().strip()}"
+
+
+PROBE_TEXT = "The capital of France is"
+_probed: set[tuple] = set()  # (file, size, mtime, settings) already run in a child by this process
+
+
+def probe(model_path: Path, settings: EngineSettings, n_gpu_layers: int) -> None:
+    """Load, prefill and decode ``model_path`` in a child before this process does (once per file).
+
+    The child runs the same kernels (prefill's batched matmuls, decode's single-row ones) on the same
+    tensor types and shapes, so a SIGILL there means one here; it costs a second load (~1 s at 135M).
+    """
+    stat = model_path.stat()
+    key = (str(model_path.resolve()), stat.st_size, stat.st_mtime_ns, settings.device, settings.threads, n_gpu_layers)
+    if key in _probed:
+        return
+    config = {"path": str(model_path), "device": settings.device, "threads": settings.threads}
+    config["n_gpu_layers"] = n_gpu_layers
+    child = run_module("runtime.gguf_engine", [json.dumps(config)], settings.threads)
+    if child.returncode < 0:
+        raise NativeCrash(crash_message(f"running '{model_path}'", child.returncode))
+    # Any other failure (a file llama.cpp rejects, ...) is reported by this process's own load.
+    _probed.add(key)
+
+
+def _probe_main(config: dict) -> int:
+    settings = EngineSettings(
+        device=config["device"], threads=config["threads"], n_ctx=64, n_gpu_layers=config["n_gpu_layers"], probe=False
+    )
+    engine = GgufEngine(config["path"], settings)
+    token = int(np.argmax(engine.prefill(engine.tokenize(PROBE_TEXT))[-1]))
+    for _ in range(2):
+        token = int(np.argmax(engine.decode_step(token)))
+    return 0
+
+
 class GgufEngine(Engine):
     name = "gguf"
 
@@ -77,6 +137,8 @@ class GgufEngine(Engine):
         model_path = Path(path).expanduser()
         check_gguf_file(model_path)
         n_gpu_layers = gpu_layers(settings, llama_cpp.llama_supports_gpu_offload())
+        if settings.probe:
+            probe(model_path, settings, n_gpu_layers)
         # llama-cpp-python routes llama.cpp's log through Python's stderr; with verbose=False it discards
         # the load log, and with it the reason a load failed. So load verbosely into a buffer, keep the
         # error lines for the message, and silence the log afterwards.
@@ -156,3 +218,11 @@ class GgufChatTemplate:
             return text
         # As transformers: the template writes its own special tokens, none are added around it.
         return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
+if __name__ == "__main__":  # the probe's child: python -m runtime.gguf_engine '{"path": ..., ...}'
+    try:
+        sys.exit(_probe_main(json.loads(sys.argv[1])))
+    except SaapError as e:
+        print(f"saap: error: {e}", file=sys.stderr)
+        sys.exit(2)

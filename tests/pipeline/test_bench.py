@@ -306,3 +306,58 @@ def test_check_regression_script_passes_fails_and_ignores_other_hardware(tmp_pat
     failed = check(_doc(speedup=0.6))  # the pruned model lost half its lead: a 2x slowdown
     assert failed.returncode == 1 and "decode speed-up pruned vs dense" in failed.stdout
     assert check(_doc(decode=10.0, fingerprint="elsewhere")).returncode == 0  # absolute speeds not compared
+
+
+# --- workers that die -----------------------------------------------------------------------------------
+
+# The real worker, except that a gguf one kills itself with SIGILL first: what a llama.cpp build with
+# kernels this CPU cannot run does (the AMX fault of a native build on our Intel VMs).
+SIGILL_GGUF_WORKER = [
+    "-c",
+    "import json, os, runpy, signal, sys\n"
+    "if json.loads(sys.argv[1])['engine'] == 'gguf':\n"
+    "    os.kill(os.getpid(), signal.SIGILL)\n"
+    "runpy.run_module('pipeline.bench_worker', run_name='__main__')",
+]
+
+
+def test_a_worker_killed_by_a_signal_is_a_failed_row_and_the_rest_is_written(pair, tmp_path, monkeypatch, capsys):
+    from runtime.llama_build import rebuild_command
+
+    dense, pruned, *_ = pair
+    monkeypatch.setattr(bench, "WORKER_ARGS", SIGILL_GGUF_WORKER)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--models", str(dense), str(pruned), "--engines", "torch,gguf", "--threads", "1"]
+    argv += ["--gguf-quant", "q8_0", "--prompt-tokens", "4", "--gen-tokens", "2", "--repeats", "1", "--warmup", "0"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("saap: error: 2 benchmark run(s) failed")
+    assert "killed by SIGILL (illegal instruction)" in errors[0] and rebuild_command() in errors[0]
+    doc = json.loads(out.read_text())
+    failed = {(r["engine"], r["model"]): r["failed"] for r in doc["results"] if r.get("failed")}
+    assert set(failed) == {("gguf", "dense"), ("gguf", "pruned")}
+    assert all("SIGILL" in why for why in failed.values())
+    measured = [r for r in doc["results"] if not r.get("failed")]
+    assert {r["engine"] for r in measured} == {"torch"} and all(r["by_prompt"]["4"] for r in measured)
+    assert [s["engine"] for s in doc["speedups"]] == ["torch"]  # no speed-up from a failed pair
+    assert "FAILED dense gguf q8_0: llama.cpp" in captured.out
+    assert "FAILED dense gguf q8_0" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_worker_that_dies_mid_run_is_reported_with_its_signal_and_does_not_hang(pair):
+    import os
+    import signal
+
+    dense, *_ = pair
+    config = {"engine": "torch", "artifact": str(dense), "device": "cpu", "threads": 1, "n_ctx": 64}
+    worker = bench.Worker(config | {"n_gpu_layers": 0})
+    try:
+        assert worker.measure(4, 2)["decode_s"] > 0
+        os.kill(worker.proc.pid, signal.SIGSEGV)
+        worker.proc.wait()
+        with pytest.raises(bench.WorkerDied, match=r"torch .* died \(killed by SIGSEGV"):
+            worker.measure(4, 2)
+    finally:
+        worker.kill()

@@ -101,6 +101,9 @@ def test_helpers():
     result = {"model": "b", "engine": "onnx", "quant": "int8", "by_prompt": {"32": {"decode_tok_s": {"median": 9.0}}}}
     rows = throughput_rows({"results": [result]})
     assert rows[0]["setup"] == "onnx int8" and rows[0]["decode"] == 9.0 and rows[0]["prompt_tokens"] == "32"
+    crashed = {"model": "b", "engine": "gguf", "quant": "q8_0", "failed": "killed by SIGILL", "by_prompt": {}}
+    rows = throughput_rows({"results": [result, crashed]})
+    assert rows[1]["setup"] == "gguf q8_0" and rows[1]["failed"] == "killed by SIGILL" and rows[1]["decode"] is None
     page = markdown_to_html("# T\n\n| a | b |\n|---|---|\n| `x` | **y** |\n\n```bash\necho <hi>\n```", {}, "t")
     assert "<td><code>x</code></td><td><b>y</b></td>" in page and "echo &lt;hi&gt;" in page
 

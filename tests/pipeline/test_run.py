@@ -174,3 +174,25 @@ def test_kill_9_mid_stage_resumes_there_with_nothing_corrupt(workspace, first_ru
     assert statuses == {"load": "skipped", "prune": "ran"}
     assert not list(run_dir.glob(".*"))
     load_checkpoint(run_dir / "prune" / "model")  # verifies every sha256
+
+
+def test_a_command_that_fails_after_writing_its_partial_output_is_recorded_not_fatal(tmp_path):
+    """``saap bench`` with a worker killed by a signal exits 2 but writes bench.json with the failed
+    row: the stage keeps it, records the error, and the pipeline goes on to the report."""
+    from pipeline.run import Context, Stage, _command, _execute
+
+    def bench_like(write_partial: bool):
+        def fill(ctx, out):
+            if write_partial:
+                (out / "bench.json").write_text("{}")
+            return [_command(["bench", "--models", str(tmp_path / "missing")], partial="bench.json")]
+
+        return Stage("bench", lambda ctx: {}, lambda ctx: {}, fill)
+
+    ctx = Context(config=None, config_path=tmp_path / "run.yaml", run_dir=tmp_path / "run")
+    ctx.run_dir.mkdir()
+    record = _execute(bench_like(True), ctx, "a" * 64, {}, {})
+    assert len(record["errors"]) == 1 and "'saap bench' exit 2: model" in record["errors"][0]
+    assert (ctx.run_dir / "bench" / "bench.json").is_file() and "bench.json" in record["outputs"]
+    with pytest.raises(SaapError, match="does not exist"):  # nothing written: an error at once
+        _execute(bench_like(False), ctx, "b" * 64, {}, {})

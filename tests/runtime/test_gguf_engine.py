@@ -126,3 +126,81 @@ def gguf_file_without_template(tmp_path, tokenizer):
     model = make_model()
     write_gguf(model.config, model.state_dict(), tokenizer, tmp_path / "plain.gguf", "f16", progress=False)
     return tmp_path / "plain.gguf"
+
+
+# --- the native-crash guard ------------------------------------------------------------------------------
+
+
+def sigill_child(module, args, threads=None):
+    """What the probe's child does on a llama.cpp build this CPU cannot run: it dies by SIGILL."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"])
+
+
+def test_a_crash_in_the_probe_is_one_error_line_with_the_signal_and_the_rebuild_command(gguf_file, monkeypatch):
+    from runtime import gguf_engine
+    from runtime.llama_build import rebuild_command
+
+    monkeypatch.setattr(gguf_engine, "_probed", set())
+    monkeypatch.setattr(gguf_engine, "run_module", sigill_child)
+    with pytest.raises(gguf_engine.NativeCrash) as error:
+        load_engine("gguf", str(gguf_file), SETTINGS)
+    message = str(error.value)
+    assert "killed by SIGILL (illegal instruction)" in message and str(gguf_file) in message
+    assert rebuild_command() in message and "\n" not in message
+
+
+def test_generate_reports_the_crash_as_one_line_and_exit_2(gguf_file, monkeypatch, capsys):
+    from pipeline.cli import main
+    from runtime import gguf_engine
+
+    monkeypatch.setattr(gguf_engine, "_probed", set())
+    monkeypatch.setattr(gguf_engine, "run_module", sigill_child)
+    argv = ["generate", "--engine", "gguf", "--model", str(gguf_file), "--prompt", "The quick", "--threads", "1"]
+    assert main(argv) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("saap: error: llama.cpp running") and "SIGILL" in errors[0]
+
+
+def test_the_probe_runs_llama_cpp_in_a_child_once_per_file(gguf_file, monkeypatch):
+    from runtime import gguf_engine
+
+    calls, real = [], gguf_engine.run_module
+
+    def counted(module, args, threads=None):
+        calls.append(real(module, args, threads))
+        return calls[-1]
+
+    monkeypatch.setattr(gguf_engine, "_probed", set())
+    monkeypatch.setattr(gguf_engine, "run_module", counted)
+    load_engine("gguf", str(gguf_file), SETTINGS)
+    load_engine("gguf", str(gguf_file), SETTINGS)
+    assert len(calls) == 1 and calls[0].returncode == 0, calls[0].stderr[-1000:]
+    load_engine("gguf", str(gguf_file), EngineSettings(threads=1, n_ctx=64, probe=False))
+    assert len(calls) == 1
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_installed_llama_cpp_runs_the_real_model_quantized_on_this_cpu(quant, tmp_path):
+    """Fails when this llama.cpp build cannot run a quantized model on this CPU (the AMX SIGILL of a
+    native build on our Intel VMs): prefill and decode of SmolLM2-135M, first in a child process so
+    that a crash fails this test instead of killing pytest."""
+    import json
+
+    from runtime.gguf_engine import build_info
+    from runtime.native import exit_description, run_module
+
+    path = export_gguf("smollm2-135m", tmp_path / f"dense-{quant}.gguf", quant, progress=False)["out"]
+    config = {"path": str(path), "device": "cpu", "threads": 1, "n_gpu_layers": 0}
+    child = run_module("runtime.gguf_engine", [json.dumps(config)], threads=1)
+    assert child.returncode == 0, f"{exit_description(child.returncode)} with {build_info()}: {child.stderr[-800:]}"
+    engine = load_engine("gguf", str(path), EngineSettings(threads=1, n_ctx=64))
+    ids = engine.tokenize("The capital of France is")
+    engine.prefill(ids[:-1])  # the batched kernels, then the single-row ones for the last token
+    logits = engine.decode_step(ids[-1])
+    rank = int((logits > logits[engine.tokenize(" Paris")[-1]]).sum())
+    # measured: " Paris" is the top token in q8_0, the fifth in q4_0 (a 4-bit 135M model degrades)
+    assert np.isfinite(logits).all() and rank < 10, rank

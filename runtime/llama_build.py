@@ -1,0 +1,101 @@
+"""How llama-cpp-python is compiled for this machine: the CMake flags, the wheel's cache key, the rebuild line.
+
+pip compiles llama-cpp-python from source with ``GGML_NATIVE=ON`` by default, i.e. ``-march=native``.
+On Intel CPUs that list AMX, that switches on llama.cpp's AMX kernels, and on the VMs we run on
+they fault (``tilezero`` → SIGILL) although the CPU and the kernel both advertise AMX. The
+``-DGGML_AMX_*=OFF`` options do not help while ``-march=native`` is on, so on x86-64 we build with
+``GGML_NATIVE=OFF``: ggml's portable baseline (SSE4.2, AVX, AVX2, FMA, F16C, BMI2), which every
+x86-64 machine we support runs. AVX-512 on top was measured and did not speed up decode
+(``benchmarks/results/llama-cpp-builds.md``), so it is not added. On arm64 the native build is kept:
+it has no AMX path and its dot-product / i8mm kernels matter there.
+
+This file is read by ``scripts/setup.sh`` with the system Python before any virtualenv exists, so it
+imports nothing from the project and nothing outside the standard library.
+
+    python3 runtime/llama_build.py cmake-args     # the CMAKE_ARGS for this machine
+    python3 runtime/llama_build.py key SPEC       # the wheel-cache key of SPEC built that way here
+    python3 runtime/llama_build.py rebuild        # the pip line that reinstalls such a build
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+
+PORTABLE_X86 = ("-DGGML_NATIVE=OFF",)  # ggml then enables its x86-64 baseline, nothing the CPU may lack
+LLAMA_CPP_SPEC = "llama-cpp-python==0.3.36"  # the version the test suite runs; setup.sh installs it
+# CPU features that change what a native-free build may contain or how it performs; part of the cache key,
+# so a wheel compiled on another CPU (or with other flags) is never picked up silently.
+KEY_CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512_vnni", "amx_tile", "sve")
+
+
+def machine() -> str:
+    return platform.machine().lower()
+
+
+def cmake_args(arch: str | None = None) -> list[str]:
+    """The CMake flags for building llama.cpp on ``arch`` (this machine by default)."""
+    arch = arch or machine()
+    if arch in ("x86_64", "amd64", "i686", "i386"):
+        return list(PORTABLE_X86)
+    return []  # arm64 and the rest: llama.cpp's native build (no AMX there)
+
+
+def cpu_flags() -> list[str]:
+    """The key CPU feature flags this machine lists (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            listed = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return []
+    return sorted(set(KEY_CPU_FLAGS) & listed)
+
+
+def compiler() -> str:
+    try:
+        out = subprocess.run(["cc", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def build_key(spec: str = LLAMA_CPP_SPEC, args: list[str] | None = None) -> str:
+    """What decides the compiled wheel: spec, flags (this machine's by default), CPU, compiler, Python."""
+    identity = {
+        "spec": spec,
+        "cmake_args": cmake_args() if args is None else args,
+        "machine": machine(),
+        "cpu_flags": cpu_flags(),
+        "compiler": compiler(),
+        "python": f"{sys.implementation.name}{sys.version_info.major}{sys.version_info.minor}",
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rebuild_command(spec: str = LLAMA_CPP_SPEC) -> str:
+    """The plain-pip line that replaces the installed llama-cpp-python with a build that runs here."""
+    args = " ".join(cmake_args())
+    env = f'CMAKE_ARGS="{args}" ' if args else ""
+    # --no-cache-dir: pip's wheel cache is keyed by the source, not the flags, so it would hand back the old build
+    return f"{env}pip install --force-reinstall --no-cache-dir --no-deps {spec}"
+
+
+def main(argv: list[str]) -> int:
+    commands = {
+        "cmake-args": lambda rest: " ".join(cmake_args()),
+        "key": lambda rest: build_key(*rest[:1]),
+        "rebuild": lambda rest: rebuild_command(*rest[:1]),
+        "spec": lambda rest: LLAMA_CPP_SPEC,
+    }
+    if not argv or argv[0] not in commands:
+        print(f"usage: llama_build.py {{{'|'.join(commands)}}} [SPEC]", file=sys.stderr)
+        return 2
+    print(commands[argv[0]](argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
