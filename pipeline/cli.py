@@ -115,7 +115,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             prepare_tasks(tasks, args.data_dir, Path(tmp))
+    if args.engine != "torch":
+        return _eval_on_engine(args, tasks)
     device = torch_device(args.device)  # before the model load: a missing GPU fails at once
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     loaded.model.to(device)
     seq_len = loaded.model.config.max_position_embeddings if args.seq_len == "max" else int(args.seq_len)
@@ -133,9 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             loaded.model, loaded.tokenizer, dataset, seq_len, args.ppl_windows, args.batch_size, not args.quiet
         )
         results["perplexity"][dataset] = result
-        print(
-            f"{dataset:>13}  perplexity {result['perplexity']:.2f}  ({result['windows']} windows of {seq_len} tokens)"
-        )
+        _print_perplexity(result)
     if tasks:
         results["zeroshot"] = evaluate_zeroshot(
             loaded.model, loaded.tokenizer, tasks, args.limit, args.batch_size, args.data_dir
@@ -145,6 +149,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{'average':>13}  {results['zeroshot']['average']:.4f}")
     if args.generate:
         results["generations"] = generations(loaded.model, loaded.tokenizer)
+    if args.out:
+        write_json_atomic(args.out, results)
+        write_text_atomic(Path(args.out).with_suffix(".md"), results_markdown(results))
+
+
+def _print_perplexity(result: dict) -> None:
+    windows = f"{result['windows']} windows of {result['seq_len']} tokens"
+    print(f"{result['dataset']:>13}  perplexity {result['perplexity']:.2f}  ({windows})")
+
+
+def _eval_on_engine(args: argparse.Namespace, tasks: list[str]) -> None:
+    """``saap eval --engine gguf|onnx``: the deployed file's perplexity and generations, through its runtime."""
+    from pipeline.evaluate import engine_generations, engine_perplexity, results_markdown
+    from runtime.checkpoint import write_json_atomic, write_text_atomic
+    from runtime.engine import EngineSettings, load_engine
+
+    if tasks:
+        raise SaapError(f"zero-shot tasks run on the torch engine (lm-eval's HF model), not {args.engine}")
+    if not args.seq_len.isdigit() or int(args.seq_len) < 2:
+        raise SaapError(f"--engine {args.engine} needs a --seq-len of at least 2 tokens, not '{args.seq_len}'")
+    seq_len = int(args.seq_len)
+    settings = EngineSettings(args.device, args.threads, n_ctx=max(seq_len, 128) + 64, n_gpu_layers=args.n_gpu_layers)
+    engine = load_engine(args.engine, args.model, settings)
+    settings_record = {k: v for k, v in vars(args).items() if k not in ("func", "model")}
+    results = {"model": args.model, "engine": args.engine, "settings": settings_record, "perplexity": {}}
+    for dataset in args.ppl:
+        result = engine_perplexity(engine, dataset, seq_len, args.ppl_windows, not args.quiet)
+        results["perplexity"][dataset] = result
+        _print_perplexity(result)
+    if args.generate:
+        results["generations"] = engine_generations(engine)
+        for g in results["generations"]:
+            print(f"{g['prompt']!r} -> {g['completion']!r}")
     if args.out:
         write_json_atomic(args.out, results)
         write_text_atomic(Path(args.out).with_suffix(".md"), results_markdown(results))
@@ -345,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N documents of every zero-shot task")
     p.add_argument("--data-dir", type=Path, help="directory with the zero-shot data (default: <data dir>/zeroshot)")
     p.add_argument("--generate", action="store_true", help="greedy generations from fixed prompts")
-    p.add_argument("--device", default="cpu", help="torch device that runs the model: cpu, cuda, mps")
+    _add_engine(p)  # gguf / onnx: perplexity and generations of the exported artifact itself
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", help="write the results as JSON (and a markdown table beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -51,6 +51,32 @@ def perplexity(
     }
 
 
+def engine_perplexity(
+    engine, dataset: str, seq_len: int = 128, limit: int | None = None, progress: bool = True
+) -> dict:
+    """``perplexity`` of a deployed artifact through its engine (llama.cpp, ONNX Runtime): same text, same
+    windows, each prefilled on its own, the engine's own tokenizer without the tokens it adds around a text."""
+    path = resolve_data_file(dataset, PERPLEXITY_SETS)
+    text = perplexity_text(path, dataset if dataset in PERPLEXITY_SETS else None)
+    added = engine.tokenize("")  # BOS (or nothing): what the engine puts around any text
+    ids = engine.tokenize(text)[len(added) :]
+    num_windows = min(len(ids) // seq_len, limit or len(ids))
+    total_nll, total_tokens = 0.0, 0
+    for i in tqdm(range(num_windows), desc=f"perplexity {dataset}", unit="window", disable=not progress):
+        window = ids[i * seq_len : (i + 1) * seq_len]
+        logits = torch.from_numpy(engine.prefill(window)[:-1]).double()
+        nll = nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum")
+        total_nll, total_tokens = total_nll + nll.item(), total_tokens + len(window) - 1
+    return {
+        "dataset": dataset,
+        "path": str(path),
+        "seq_len": seq_len,
+        "windows": num_windows,
+        "tokens_scored": total_tokens,
+        "perplexity": math.exp(total_nll / max(total_tokens, 1)),
+    }
+
+
 FIXED_PROMPTS = (
     "The capital of France is",
     "Once upon a time, there was a",
@@ -79,9 +105,19 @@ def generations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_to
     return samples
 
 
+def engine_generations(engine, max_new_tokens: int = 32) -> list[dict]:
+    """``generations`` through an engine: greedy, stopping at end of sequence as ``model.generate`` does."""
+    samples = []
+    for prompt in FIXED_PROMPTS:
+        completion = engine.detokenize(engine.generate(prompt, max_new_tokens))
+        samples.append({"prompt": prompt, "completion": completion})
+    return samples
+
+
 def results_markdown(results: dict) -> str:
     """One markdown table per part of ``saap eval``'s JSON."""
-    lines = [f"# Evaluation of `{results['model']}` ({results['params']:,} parameters)", ""]
+    params = f" ({results['params']:,} parameters)" if results.get("params") else ""
+    lines = [f"# Evaluation of `{results['model']}`{params}", ""]
     if results.get("perplexity"):
         lines += ["| perplexity set | windows × tokens | perplexity |", "|---|---|---|"]
         for name, r in results["perplexity"].items():

@@ -35,3 +35,28 @@ def test_jsonl_documents_use_their_text_field(tmp_path):
     path = tmp_path / "c4.jsonl"
     path.write_text('{"text": "first doc", "url": "u"}\n\n{"text": "second doc"}\n')
     assert read_documents(path) == ["first doc", "second doc"]
+
+
+def test_eval_on_the_gguf_engine_scores_the_exported_file_like_torch(tokenizer, text_file, tmp_path, capsys):
+    import json
+
+    from export.gguf import export_gguf
+    from pipeline.cli import main
+    from runtime.checkpoint import save_checkpoint
+
+    model = make_model(heads=6, kv_heads=2)
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", {})
+    gguf = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f32", progress=False)["out"]
+    reference = perplexity(model, tokenizer, str(text_file), seq_len=16, limit=3, progress=False)
+    argv = ["eval", "--model", gguf, "--engine", "gguf", "--threads", "1", "--ppl", str(text_file)]
+    argv += ["--seq-len", "16", "--ppl-windows", "3", "--generate", "--quiet", "--out", str(tmp_path / "e.json")]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    scored = result["perplexity"][str(text_file)]
+    assert scored["windows"] == 3 and scored["tokens_scored"] == 3 * 15
+    assert math.isclose(scored["perplexity"], reference["perplexity"], rel_tol=1e-3)
+    assert result["engine"] == "gguf" and len(result["generations"]) == 4
+    assert "Evaluation of" in (tmp_path / "e.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", "--model", gguf, "--engine", "gguf", "--tasks", "piqa"]) == 2
+    assert "zero-shot tasks run on the torch engine" in capsys.readouterr().err
