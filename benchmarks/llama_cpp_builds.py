@@ -150,6 +150,20 @@ def markdown(data: dict, quants: list[str]) -> str:
                 cells.append(f"{statistics.median(runs):.1f} ({min(runs):.1f}-{max(runs):.1f})")
         flags = " ".join(build["cmake_args"]) or "(none)"
         lines.append(f"| {name} | `{flags}` | " + " | ".join(cells) + " |")
+    shipped = "portable (shipped)"
+    lines += ["", f"Paired per-round decode ratio against the {shipped} build, median (min-max):", ""]
+    for name in data["builds"]:
+        if name == shipped:
+            continue
+        cells = []
+        for q in quants:
+            row, base = (next(r for r in data["rows"] if r["build"] == b and r["quant"] == q) for b in (name, shipped))
+            if row["failed"] or base["failed"]:
+                cells.append(f"{q}: –")
+                continue
+            ratios = [a / b for a, b in zip(row["runs"], base["runs"], strict=True)]
+            cells.append(f"{q} {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
+        lines.append(f"- {name}: " + ", ".join(cells))
     lines += ["", "What each build contains (`llama_cpp.llama_print_system_info()`):", ""]
     lines += [f"- {name}: `{build['system_info']}`" for name, build in data["builds"].items()]
     return "\n".join(lines) + "\n"

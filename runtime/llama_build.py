@@ -5,8 +5,9 @@ On Intel CPUs that list AMX, that switches on llama.cpp's AMX kernels, and on th
 they fault (``tilezero`` → SIGILL) although the CPU and the kernel both advertise AMX. The
 ``-DGGML_AMX_*=OFF`` options do not help while ``-march=native`` is on, so on x86-64 we build with
 ``GGML_NATIVE=OFF``: ggml's portable baseline (SSE4.2, AVX, AVX2, FMA, F16C, BMI2), which every
-x86-64 machine we support runs. AVX-512 on top was measured and did not speed up decode
-(``benchmarks/results/llama-cpp-builds.md``), so it is not added. On arm64 the native build is kept:
+x86-64 machine we support runs. AVX-512/VNNI on top was measured at +2-3 % decode (median of paired
+rounds, inside their 0.93-1.19 spread; ``benchmarks/results/llama-cpp-builds.md``): not enough to
+ship a build that then needs AVX-512 wherever the environment goes. On arm64 the native build is kept:
 it has no AMX path and its dot-product / i8mm kernels matter there.
 
 This file is read by ``scripts/setup.sh`` with the system Python before any virtualenv exists, so it
