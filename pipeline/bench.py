@@ -849,55 +849,10 @@ def _run_group(
                 "decode_params": decode_parameter_count(config, layer_shapes(config)),
             }
         prepared.append((model, artifact, size, decode_bytes(run, artifact, config)))
-    workers: dict[str, Worker] = {}
-    failed: dict[str, str] = {}  # label -> why its worker died; the other models go on
-    samples: dict[str, dict[int, dict[str, list[float]]]] = {}
-    memory: dict[str, dict[str, float | None]] = {}
+    workers, failed = _start_workers(run, prepared, settings, n_ctx, bar)
     try:
-        for model, artifact, _, _ in prepared:
-            if bar is not None:
-                bar.set_description(f"load {model.label} {run.key}")
-            config = {
-                "engine": run.engine,
-                "artifact": str(artifact),
-                "device": run.device,
-                "threads": run.threads,
-                "n_ctx": n_ctx,
-                "n_gpu_layers": run.n_gpu_layers,
-                "slowdown": settings.slowdown if model.parent else 1.0,
-            }
-            samples[model.label] = {p: {"prefill_s": [], "decode_s": [], "ttft_s": []} for p in settings.prompt_tokens}
-            try:
-                workers[model.label] = Worker(config)
-            except WorkerDied as e:
-                failed[model.label] = str(e)
-        order = [m.label for m, *_ in prepared]
-        for p in settings.prompt_tokens:
-            for round_ in range(settings.warmup + settings.repeats):
-                # A B A B, reversed every other round so neither model always runs right after the other
-                for label in order if round_ % 2 == 0 else order[::-1]:
-                    if label in failed:
-                        if bar is not None:
-                            bar.update(1)
-                        continue
-                    if bar is not None:
-                        bar.set_description(f"{label} {run.key} p{p}")
-                    try:
-                        result = workers[label].measure(p, settings.gen_tokens)
-                    except WorkerDied as e:
-                        failed[label] = str(e)
-                        continue
-                    if round_ >= settings.warmup:
-                        for k in samples[label][p]:
-                            samples[label][p][k].append(result[k])
-                    if bar is not None:
-                        bar.update(1)
-        for label, w in workers.items():
-            if label not in failed:
-                try:
-                    memory[label] = w.close()
-                except WorkerDied as e:
-                    failed[label] = str(e)
+        samples = _measure_rounds(run, workers, [m.label for m, *_ in prepared], settings, failed, bar)
+        memory = _stop_workers(workers, failed)
     finally:
         for w in workers.values():
             w.kill()
@@ -920,6 +875,74 @@ def _run_group(
         row |= {"load_s": workers[model.label].ready.get("load_s"), **memory[model.label]}
         out.append(row | {"by_prompt": _by_prompt(samples[model.label], settings)})
     return out
+
+
+def _start_workers(
+    run: RunConfig, prepared: list, settings: BenchSettings, n_ctx: int, bar
+) -> tuple[dict[str, Worker], dict[str, str]]:
+    """One loaded worker per model; ``failed``: label -> why its worker died (the other models go on)."""
+    workers: dict[str, Worker] = {}
+    failed: dict[str, str] = {}
+    for model, artifact, _, _ in prepared:
+        if bar is not None:
+            bar.set_description(f"load {model.label} {run.key}")
+        config = {
+            "engine": run.engine,
+            "artifact": str(artifact),
+            "device": run.device,
+            "threads": run.threads,
+            "n_ctx": n_ctx,
+            "n_gpu_layers": run.n_gpu_layers,
+            "slowdown": settings.slowdown if model.parent else 1.0,
+        }
+        try:
+            workers[model.label] = Worker(config)
+        except WorkerDied as e:
+            failed[model.label] = str(e)
+        except SaapError:
+            for w in workers.values():
+                w.kill()
+            raise
+    return workers, failed
+
+
+def _measure_rounds(
+    run: RunConfig, workers: dict[str, Worker], order: list[str], settings: BenchSettings, failed: dict, bar
+) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """Every prompt length, warm-up and repeat: each live model once, A B A B, reversed every other
+    round so neither model always runs right after the other. A worker that dies joins ``failed``."""
+    samples = {
+        label: {p: {"prefill_s": [], "decode_s": [], "ttft_s": []} for p in settings.prompt_tokens} for label in order
+    }
+    for p in settings.prompt_tokens:
+        for round_ in range(settings.warmup + settings.repeats):
+            for label in order if round_ % 2 == 0 else order[::-1]:
+                if bar is not None:
+                    bar.set_description(f"{label} {run.key} p{p}")
+                if label not in failed:
+                    try:
+                        result = workers[label].measure(p, settings.gen_tokens)
+                    except WorkerDied as e:
+                        failed[label] = str(e)
+                    else:
+                        if round_ >= settings.warmup:
+                            for k in samples[label][p]:
+                                samples[label][p][k].append(result[k])
+                if bar is not None:
+                    bar.update(1)
+    return samples
+
+
+def _stop_workers(workers: dict[str, Worker], failed: dict[str, str]) -> dict[str, dict[str, float | None]]:
+    """Each live worker's peak memory as it quits."""
+    memory = {}
+    for label, w in workers.items():
+        if label not in failed:
+            try:
+                memory[label] = w.close()
+            except WorkerDied as e:
+                failed[label] = str(e)
+    return memory
 
 
 def _by_prompt(samples: dict[int, dict[str, list[float]]], settings: BenchSettings) -> dict[str, dict[str, Any]]:
