@@ -4,6 +4,7 @@ cut into non-overlapping windows of ``seq_len`` tokens, mean next-token loss ove
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data import PERPLEXITY_SETS, perplexity_text, resolve_data_file
+from runtime.errors import SaapError
 
 
 def perplexity(
@@ -23,32 +25,20 @@ def perplexity(
     progress: bool = True,
 ) -> dict:
     """Perplexity of ``model`` on a named set (``wikitext2``, ``ptb``) or a text file."""
-    path = resolve_data_file(dataset, PERPLEXITY_SETS)
-    text = perplexity_text(path, dataset if dataset in PERPLEXITY_SETS else None)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    num_windows = len(ids) // seq_len
-    if limit is not None:
-        num_windows = min(num_windows, limit)
-    windows = ids[: num_windows * seq_len].view(num_windows, seq_len)
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    with torch.inference_mode():
-        for batch in tqdm(windows.split(batch_size), desc=f"perplexity {dataset}", unit="batch", disable=not progress):
-            batch = batch.to(device)
+
+    def batch_nll(batch: torch.Tensor) -> float:
+        batch = batch.to(device)
+        with torch.inference_mode():
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            total_nll += nll.item()
-            total_tokens += batch[:, 1:].numel()
-    return {
-        "dataset": dataset,
-        "path": str(path),
-        "seq_len": seq_len,
-        "windows": num_windows,
-        "tokens_scored": total_tokens,
-        "perplexity": math.exp(total_nll / total_tokens),
-    }
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return _windowed_perplexity(dataset, seq_len, limit, tokenize, batch_nll, batch_size, progress)
 
 
 def engine_perplexity(
@@ -56,24 +46,47 @@ def engine_perplexity(
 ) -> dict:
     """``perplexity`` of a deployed artifact through its engine (llama.cpp, ONNX Runtime): same text, same
     windows, each prefilled on its own, the engine's own tokenizer without the tokens it adds around a text."""
+    added = len(engine.tokenize(""))  # BOS (or nothing): what the engine puts around any text
+
+    def window_nll(batch: torch.Tensor) -> float:  # a batch of one window: an engine holds one sequence
+        logits = torch.from_numpy(engine.prefill(batch[0].tolist())[:-1]).double()
+        return nn.functional.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
+
+    def tokenize(text: str) -> list[int]:
+        return engine.tokenize(text)[added:]
+
+    return _windowed_perplexity(dataset, seq_len, limit, tokenize, window_nll, 1, progress)
+
+
+def _windowed_perplexity(
+    dataset: str,
+    seq_len: int,
+    limit: int | None,
+    tokenize: Callable[[str], list[int]],
+    batch_nll: Callable[[torch.Tensor], float],
+    batch_size: int,
+    progress: bool,
+) -> dict:
+    """LLM-Pruner's protocol: the text tokenized once, cut into non-overlapping windows of ``seq_len``,
+    ``exp`` of the mean next-token loss (``batch_nll`` sums it over a batch of windows)."""
     path = resolve_data_file(dataset, PERPLEXITY_SETS)
     text = perplexity_text(path, dataset if dataset in PERPLEXITY_SETS else None)
-    added = engine.tokenize("")  # BOS (or nothing): what the engine puts around any text
-    ids = engine.tokenize(text)[len(added) :]
-    num_windows = min(len(ids) // seq_len, limit or len(ids))
-    total_nll, total_tokens = 0.0, 0
-    for i in tqdm(range(num_windows), desc=f"perplexity {dataset}", unit="window", disable=not progress):
-        window = ids[i * seq_len : (i + 1) * seq_len]
-        logits = torch.from_numpy(engine.prefill(window)[:-1]).double()
-        nll = nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum")
-        total_nll, total_tokens = total_nll + nll.item(), total_tokens + len(window) - 1
+    ids = torch.tensor(tokenize(text))
+    num_windows = len(ids) // seq_len if limit is None else min(len(ids) // seq_len, limit)
+    if num_windows == 0:
+        raise SaapError(f"'{path}' has {len(ids)} tokens: fewer than one window of {seq_len}")
+    windows = ids[: num_windows * seq_len].view(num_windows, seq_len)
+    total_nll = 0.0
+    for batch in tqdm(windows.split(batch_size), desc=f"perplexity {dataset}", unit="batch", disable=not progress):
+        total_nll += batch_nll(batch)
+    tokens = num_windows * (seq_len - 1)
     return {
         "dataset": dataset,
         "path": str(path),
         "seq_len": seq_len,
         "windows": num_windows,
-        "tokens_scored": total_tokens,
-        "perplexity": math.exp(total_nll / max(total_tokens, 1)),
+        "tokens_scored": tokens,
+        "perplexity": math.exp(total_nll / tokens),
     }
 
 

@@ -21,9 +21,10 @@ def test_torch_engine_decode_steps_match_a_full_forward(checkpoint):
     ids = [5, 9, 17, 33, 2, 40]
     with torch.no_grad():
         full = model(torch.tensor([ids])).logits[0].numpy()
-    np.testing.assert_allclose(engine.prefill(ids[:4]), full[:4], atol=1e-5)
-    np.testing.assert_allclose(engine.decode_step(ids[4]), full[4], atol=1e-5)
-    np.testing.assert_allclose(engine.decode_step(ids[5]), full[5], atol=1e-5)
+    # fp32 sums in another order (a cached step vs one full pass): 1.1e-5 seen on an Intel AVX-512 VM
+    np.testing.assert_allclose(engine.prefill(ids[:4]), full[:4], atol=5e-5)
+    np.testing.assert_allclose(engine.decode_step(ids[4]), full[4], atol=5e-5)
+    np.testing.assert_allclose(engine.decode_step(ids[5]), full[5], atol=5e-5)
 
 
 def test_torch_engine_greedy_generation_matches_transformers(checkpoint):
