@@ -248,7 +248,7 @@ def build_markdown(data: dict, config: RunConfig, charts: dict[str, str]) -> str
                 r["setup"],
                 r["prompt_tokens"],
                 _fmt(r["prefill"], 1),
-                f"FAILED: {r['failed']}" if r.get("failed") else _fmt(r["decode"], 1),
+                "**FAILED** (below)" if r.get("failed") else _fmt(r["decode"], 1),
                 _fmt(r["ttft_ms"], 0),
                 _mib(r["artifact_bytes"]) if r["artifact_bytes"] else "–",
             ]
@@ -257,6 +257,9 @@ def build_markdown(data: dict, config: RunConfig, charts: dict[str, str]) -> str
         lines += ["## Throughput", ""]
         header = ["model", "engine", "prompt tokens", "prefill tok/s", "decode tok/s", "TTFT ms", "file"]
         lines += _table(header, rows)
+        failed = [r for r in throughput if r.get("failed")]
+        if failed:  # the whole reason (signal, rebuild command) once per run, not squeezed into a cell
+            lines += [f"**{r['model']} {r['setup']} failed:** {_cell(r['failed'])}" for r in failed] + [""]
         speedups = speedup_rows(data["bench"])
         if speedups:
             lines += [

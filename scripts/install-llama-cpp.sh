@@ -21,7 +21,7 @@ if [ "$(cat "$MARK" 2>/dev/null)" = "$KEY" ] && "$PY" -c "import llama_cpp" 2>/d
   exit 0
 fi
 if ! ls "$CACHE"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-  echo "compiling $SPEC with CMAKE_ARGS='$ARGS' (~10 min on 2 cores; cached in $CACHE)"
+  echo "compiling $SPEC with CMAKE_ARGS='$ARGS' (~7 min on 2 cores; cached in $CACHE)"
   mkdir -p "$(dirname "$CACHE")"
   TMP=$(mktemp -d "$CACHE.tmp-XXXXXX")
   trap 'rm -rf "$TMP"' EXIT  # a failed or interrupted build leaves nothing under the cache

@@ -96,6 +96,18 @@ def test_report_has_every_section(run_dir):
     assert page.count('class="chart"') == 2 and 'src="report/' not in page  # inlined, self-contained
 
 
+def test_a_failed_benchmark_run_is_a_row_and_its_reason_is_spelled_out(run_dir):
+    bench = json.loads((run_dir / "bench" / "bench.json").read_text())
+    reason = "llama.cpp (benchmark worker for gguf 'x.gguf') was killed by SIGILL (illegal instruction): rebuild"
+    bench["results"].append({"model": "model", "engine": "gguf", "quant": "q4_0", "failed": reason, "by_prompt": {}})
+    (run_dir / "bench" / "bench.json").write_text(json.dumps(bench))
+    config = parse_config({"model": "smollm2-135m"}, "demo.yaml")
+    write_report(run_dir, run_dir / "report", config, records("load", "prune", "eval", "export-gguf", "bench"))
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert "| model | gguf q4_0 | – | – | **FAILED** (below) |" in markdown
+    assert f"**model gguf q4_0 failed:** {reason}" in markdown
+
+
 def test_helpers():
     assert quality_rows(None, evaluation(3.0, 0.5))[0] == ["wikitext2 perplexity ↓", "–", "3.00"]
     result = {"model": "b", "engine": "onnx", "quant": "int8", "by_prompt": {"32": {"decode_tok_s": {"median": 9.0}}}}
