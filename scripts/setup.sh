@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install saap into it (idempotent; ~12 min on a fresh machine,
+# Create the virtual environment and install saap into it (idempotent; ~9 min on a fresh 2-core machine,
 # most of it compiling llama.cpp; ~2 min when the compiled wheel is cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
