@@ -14,12 +14,9 @@ Writes ``benchmarks/results/llama-cpp-builds.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from _common import PROJECT, environment, write_results
@@ -40,27 +37,6 @@ VARIANTS = {
         "-DGGML_AVX_VNNI=ON",
     ],
 }
-
-
-def wheel(args: list[str]) -> Path:
-    """The cached wheel of the pinned llama-cpp-python built with ``args``; compiled if missing."""
-    key = llama_build.build_key(llama_build.LLAMA_CPP_SPEC, args)
-    cache = Path.home() / ".cache" / "saap" / "wheels" / key
-    found = sorted(cache.glob("llama_cpp_python-*.whl"))
-    if found:
-        return found[0]
-    print(f"compiling {llama_build.LLAMA_CPP_SPEC} with {args or 'no flags'} (~7 min)", flush=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=cache.parent))
-    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-cache-dir", "--no-binary"]
-    cmd += ["llama-cpp-python", llama_build.LLAMA_CPP_SPEC, "-w", str(tmp)]
-    try:
-        subprocess.run(cmd, env=dict(os.environ, CMAKE_ARGS=" ".join(args)), check=True)
-    except subprocess.CalledProcessError:
-        shutil.rmtree(tmp)
-        raise SystemExit(f"could not compile llama-cpp-python with {args}") from None
-    tmp.rename(cache)  # only a finished build lands under its key
-    return next(cache.glob("llama_cpp_python-*.whl"))
 
 
 def unpack(whl: Path, into: Path) -> Path:
@@ -93,7 +69,9 @@ def main() -> None:
         models[q] = args.work / f"dense-{q}.gguf"
         if not models[q].is_file():
             export_gguf("smollm2-135m", models[q], q, progress=False)
-    sites = {name: unpack(wheel(flags), args.work / f"site-{i}") for i, (name, flags) in enumerate(VARIANTS.items())}
+    sites = {}
+    for i, (name, flags) in enumerate(VARIANTS.items()):
+        sites[name] = unpack(llama_build.build_wheel(llama_build.LLAMA_CPP_SPEC, flags), args.work / f"site-{i}")
     rows, workers = {}, {}
     for name, site in sites.items():
         for q in quants:

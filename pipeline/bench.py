@@ -849,8 +849,10 @@ def _run_group(
                 "decode_params": decode_parameter_count(config, layer_shapes(config)),
             }
         prepared.append((model, artifact, size, decode_bytes(run, artifact, config)))
-    workers, failed = _start_workers(run, prepared, settings, n_ctx, bar)
+    workers: dict[str, Worker] = {}
+    failed: dict[str, str] = {}  # label -> why its worker died; the other models go on
     try:
+        _start_workers(run, prepared, settings, n_ctx, bar, workers, failed)
         samples = _measure_rounds(run, workers, [m.label for m, *_ in prepared], settings, failed, bar)
         memory = _stop_workers(workers, failed)
     finally:
@@ -878,11 +880,9 @@ def _run_group(
 
 
 def _start_workers(
-    run: RunConfig, prepared: list, settings: BenchSettings, n_ctx: int, bar
-) -> tuple[dict[str, Worker], dict[str, str]]:
-    """One loaded worker per model; ``failed``: label -> why its worker died (the other models go on)."""
-    workers: dict[str, Worker] = {}
-    failed: dict[str, str] = {}
+    run: RunConfig, prepared: list, settings: BenchSettings, n_ctx: int, bar, workers: dict, failed: dict
+) -> None:
+    """One loaded worker per model into ``workers``; a worker that dies while loading joins ``failed``."""
     for model, artifact, _, _ in prepared:
         if bar is not None:
             bar.set_description(f"load {model.label} {run.key}")
@@ -899,11 +899,6 @@ def _start_workers(
             workers[model.label] = Worker(config)
         except WorkerDied as e:
             failed[model.label] = str(e)
-        except SaapError:
-            for w in workers.values():
-                w.kill()
-            raise
-    return workers, failed
 
 
 def _measure_rounds(

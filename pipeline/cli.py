@@ -321,8 +321,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if baseline is not None:
         regressions = compare(doc, baseline, args.tolerance, absolute=not args.ratios_only)
         print(format_regressions(regressions, args.tolerance))
-    if failures(doc):  # every other run was measured and written; the first failure is the error line
-        failed = failures(doc)
+    failed = failures(doc)
+    if failed:  # every other run was measured and written; the first failure is the error line
         written_note = f"; the other results are in {args.out}" if args.out else ""
         raise SaapError(f"{len(failed)} benchmark run(s) failed: {failed[0]['failed']}{written_note}")
     return 1 if regressions else 0

@@ -15,6 +15,7 @@ imports nothing from the project and nothing outside the standard library.
 
     python3 runtime/llama_build.py cmake-args     # the CMAKE_ARGS for this machine
     python3 runtime/llama_build.py key SPEC       # the wheel-cache key of SPEC built that way here
+    python3 runtime/llama_build.py wheel SPEC     # that wheel's path, compiled into the cache if missing
     python3 runtime/llama_build.py rebuild        # the pip line that reinstalls such a build
 """
 
@@ -22,9 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 PORTABLE_X86 = ("-DGGML_NATIVE=OFF",)  # ggml then enables its x86-64 baseline, nothing the CPU may lack
 LLAMA_CPP_SPEC = "llama-cpp-python==0.3.36"  # the version the test suite runs; setup.sh installs it
@@ -76,6 +81,43 @@ def build_key(spec: str = LLAMA_CPP_SPEC, args: list[str] | None = None) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def wheel_cache() -> Path:
+    """Where compiled wheels are kept, one directory per ``build_key``."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saap" / "wheels"
+    return Path(os.environ.get("SAAP_WHEEL_CACHE") or default)
+
+
+def build_wheel(spec: str = LLAMA_CPP_SPEC, args: list[str] | None = None) -> Path:
+    """The cached wheel of ``spec`` compiled with ``args`` (this machine's flags by default); built if missing.
+
+    ``--no-cache-dir`` because pip's own cache would hand back a wheel built with other flags; the
+    build goes to a temporary directory renamed into place, so only a finished build has a key.
+    pip's output goes to stderr: stdout is the wheel's path (``scripts/install-llama-cpp.sh`` reads it).
+    """
+    args = cmake_args() if args is None else args
+    cache = wheel_cache() / build_key(spec, args)
+    found = sorted(cache.glob("llama_cpp_python-*.whl"))
+    if found:
+        return found[0]
+    flags = " ".join(args)
+    print(f"compiling {spec} with CMAKE_ARGS='{flags}' (~7 min on 2 cores; cached in {cache})", file=sys.stderr)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp-", dir=cache.parent))
+    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-cache-dir"]
+    cmd += ["--no-binary", "llama-cpp-python", spec, "-w", str(tmp)]
+    env = dict(os.environ, CMAKE_ARGS=flags)
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    try:
+        subprocess.run(cmd, env=env, stdout=sys.stderr, check=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"could not compile {spec} with CMAKE_ARGS='{flags}' (pip's output above)") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted build leaves nothing under the cache
+    return next(cache.glob("llama_cpp_python-*.whl"))
+
+
 def rebuild_command(spec: str = LLAMA_CPP_SPEC) -> str:
     """The plain-pip line that replaces the installed llama-cpp-python with a build that runs here."""
     args = " ".join(cmake_args())
@@ -88,6 +130,7 @@ def main(argv: list[str]) -> int:
     commands = {
         "cmake-args": lambda rest: " ".join(cmake_args()),
         "key": lambda rest: build_key(*rest[:1]),
+        "wheel": lambda rest: build_wheel(*rest[:1]),
         "rebuild": lambda rest: rebuild_command(*rest[:1]),
         "spec": lambda rest: LLAMA_CPP_SPEC,
     }
