@@ -211,6 +211,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         eval_steps=args.eval_steps,
         keep=args.keep,
         seed=args.seed,
+        teacher=args.teacher,
+        temperature=args.temperature,
+        kl_weight=args.kl_weight,
     )
     record = finetune(args.model, args.data, args.out, settings, progress=not args.quiet, overwrite=args.overwrite)
     if not record:
@@ -390,8 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("finetune", help="recover a pruned model: group-quantized LoRA (SAAP) or plain LoRA, merged")
     _add_model(p)
-    p.add_argument("--data", required=True, help="Alpaca-format .json/.jsonl (instruction, input, output) or text")
-    p.add_argument("--method", default="group-lora", help="group-lora (SAAP, default) | lora (peft baseline)")
+    p.add_argument(
+        "--data", required=True, nargs="+", help="Alpaca-format .json/.jsonl (instruction, input, output), or plain "
+        "text (.txt, .jsonl of {\"text\": ...}); several files of one kind are joined",
+    )  # fmt: skip
+    p.add_argument(
+        "--method", default="group-lora", help="group-lora (SAAP, default) | lora (peft) | full (all kept weights)"
+    )
+    p.add_argument(
+        "--teacher", help="distil from this model instead of training on the LM loss; 'parent': the dense model the "
+        "checkpoint was pruned from (its saap.json source)",
+    )  # fmt: skip
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation: softmax temperature")
+    p.add_argument(
+        "--kl-weight", type=float, default=1.0, help="distillation: weight of the KL term (the LM loss gets 1 - it)"
+    )
     p.add_argument("--bits", type=int, default=4, help="group-lora: bits of the frozen base, 4 | 8")
     p.add_argument("--group-size", type=int, default=32, help="group-lora: input columns per group, 32 | 64 | 128")
     p.add_argument(

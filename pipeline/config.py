@@ -70,8 +70,11 @@ class FinetuneConfig(Section):
 
     NOT_FLAGS: ClassVar[frozenset[str]] = frozenset({"enabled"})
     enabled: bool = False
-    method: Literal["group-lora", "lora"] = "group-lora"
-    data: str = "finetune/alpaca_en_demo.json"
+    method: Literal["group-lora", "lora", "full"] = "group-lora"
+    data: str | list[str] = "finetune/alpaca_en_demo.json"
+    teacher: str | None = None  # "parent": distil from the dense model (saap finetune --teacher)
+    temperature: float = 1.0
+    kl_weight: float = 1.0
     bits: Literal[4, 8] = 4
     group_size: Literal[32, 64, 128] = 32
     rank: int | None = None  # default: saap finetune's per method (16 group-lora, 8 lora)
@@ -225,7 +228,11 @@ def check_semantics(config: RunConfig, name: str) -> None:
         fail(budget_key, str(e))
     checks = [("prune.calibration", prune.calibration, None)] if prune.calibration else []
     if config.finetune.enabled:
-        checks.append(("finetune.data", config.finetune.data, None))
+        data = config.finetune.data
+        if isinstance(data, str):
+            checks.append(("finetune.data", data, None))
+        else:
+            checks += [(f"finetune.data[{i}]", f, None) for i, f in enumerate(data)]
     checks += [(f"eval.ppl[{i}]", spec, PERPLEXITY_SETS) for i, spec in enumerate(config.eval.ppl)]
     for key, spec, named in checks:
         try:

@@ -4,6 +4,12 @@ Methods
     group-lora  SAAP's group fine-tuning (QA-LoRA): group-quantized frozen base, group-pooled LoRA
                 adapters, folded exactly into the groups' offsets (see ``pipeline.group_lora``).
     lora        plain LoRA through ``peft``, merged with ``merge_and_unload`` (LLM-Pruner's recovery).
+    full        every kept weight of the pruned model (the embedding, tied to the head, stays frozen).
+
+Objective
+    Without ``teacher``: the language-model loss on the data. With ``teacher`` (``parent``: the dense
+    model the checkpoint was pruned from): distillation, KL divergence to the teacher's next-token
+    distribution on the same text, optionally mixed with the LM loss (see ``pipeline.distill``).
 
 The held-out loss is measured every ``eval_steps`` and, by default, the adapter of its lowest
 value is the one merged (``KeepBest``), since a long budget on ~1k records over-fits.
@@ -37,6 +43,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from pipeline.data import resolve_data_file
+from pipeline.distill import Distiller, load_teacher
 from pipeline.group_lora import (
     BITS,
     GROUP_SIZES,
@@ -52,7 +59,7 @@ from runtime.errors import SaapError
 from runtime.memory import PhasePeakRss, peak_rss_mb
 from runtime.surgery import model_parameter_count
 
-METHODS = ("group-lora", "lora")
+METHODS = ("group-lora", "lora", "full")
 KEEP = ("best", "last")
 # group-lora's A reads in/g pooled inputs instead of in, so at one rank it trains about half of
 # LoRA's parameters; rank 16 gives it LoRA-rank-8's count. Measured (held-out Alpaca loss, SAAP
@@ -84,7 +91,11 @@ DEFAULT_MAX_STEPS = 200
 class FinetuneSettings:
     """Every hyper-parameter of a fine-tuning run (all recorded in the output's saap.json).
 
-    method: "group-lora" (default, SAAP) or "lora" (peft baseline).
+    method: "group-lora" (default, SAAP), "lora" (peft baseline) or "full" (all kept weights).
+    teacher: None (language-model loss), "parent" (the dense model recorded in saap.json) or a
+        model spec: distil from it (``pipeline.distill``).
+    temperature, kl_weight: distillation's softmax temperature, and the KL term's weight (the LM
+        loss gets 1 - kl_weight).
     bits, group_size: group-lora's base quantization (4|8 bits, groups of 32|64|128 input columns).
     rank, alpha, dropout: adapter rank (default per method, ``DEFAULT_RANKS``), scaling numerator
         (scale = alpha / rank; default 2 x rank), dropout (lora only).
@@ -122,6 +133,9 @@ class FinetuneSettings:
     eval_steps: int = 50
     keep: str = "best"
     seed: int = 0
+    teacher: str | None = None
+    temperature: float = 1.0
+    kl_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rank is None:
@@ -162,6 +176,10 @@ class FinetuneSettings:
             raise SaapError("--eval-steps must be >= 0")
         if self.keep not in KEEP:
             raise SaapError(f"--keep must be one of {', '.join(KEEP)}")
+        if not self.temperature > 0:
+            raise SaapError("--temperature must be positive")
+        if not 0 <= self.kl_weight <= 1:
+            raise SaapError("--kl-weight must be in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -381,7 +399,21 @@ def saved_checkpoint(args: TrainingArguments, state) -> Path | None:
 class SafetensorsTrainer(Trainer):
     """A ``Trainer`` whose checkpoints hold only safetensors + JSON: the trainable (adapter)
     parameters, optimizer + scheduler state, RNG states; no ``torch.save`` anywhere, and no
-    ``training_args.bin``. ``trainer_state.json`` is the Trainer's own JSON."""
+    ``training_args.bin``. ``trainer_state.json`` is the Trainer's own JSON. With a ``distiller``
+    the loss is the distillation loss instead of the model's own."""
+
+    def __init__(self, *args, distiller: Distiller | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distiller = distiller
+        if distiller is not None:
+            # The distiller returns a per-micro-batch mean, so the Trainer must divide by the
+            # accumulation steps itself (it does not for models whose loss takes num_items_in_batch).
+            self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.distiller is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self.distiller(model, inputs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if self.args.should_save:
@@ -535,7 +567,14 @@ def _release_float_weights(model: torch.nn.Module) -> None:
 
 
 def _attach_adapters(model: torch.nn.Module, settings: FinetuneSettings) -> tuple[torch.nn.Module, int]:
-    """The model to train and the number of adapted linears."""
+    """The model to train and the number of adapted (or trained) linears."""
+    if settings.method == "full":
+        trained = 0
+        for name, p in model.named_parameters():
+            # The tied embedding is the vocabulary's, which pruning never touched: it stays frozen.
+            p.requires_grad_("embed_tokens" not in name and "lm_head" not in name)
+            trained += name.endswith("proj.weight")
+        return model, trained
     if settings.method == "group-lora":
         paths = apply_group_lora(model, settings.bits, settings.group_size, settings.rank, settings.alpha)
         _release_float_weights(model)  # the memory saving: ~1 byte per base weight instead of 4
@@ -560,18 +599,33 @@ def _merge(trained: torch.nn.Module, settings: FinetuneSettings):
     if settings.method == "group-lora":
         quantized = merge_group_lora(trained)
         return trained, quantized
+    if settings.method == "full":
+        return trained, None
     return trained.merge_and_unload(), None
 
 
-def _run_identity(spec: str, parent_sha: str | None, data_path: Path, data_sha: str, settings: FinetuneSettings):
-    return {"model": spec, "parent_sha256": parent_sha, "data": str(data_path), "data_sha256": data_sha} | {
-        "settings": asdict(settings)
-    }
+def _run_identity(spec: str, parent_sha: str | None, files: list[dict[str, str]], settings: FinetuneSettings):
+    return {"model": spec, "parent_sha256": parent_sha, "data": files} | {"settings": asdict(settings)}
+
+
+def read_data(data: str | list[str]) -> tuple[list[Path], str, list[Any]]:
+    """(paths, kind, records) of one or more data files of one kind (all Alpaca, or all text)."""
+    paths = [resolve_data_file(d) for d in ([data] if isinstance(data, str) else data)]
+    if not paths:
+        raise SaapError("no data file given")
+    kinds, records = set(), []
+    for path in paths:
+        kind, these = read_records(path)
+        kinds.add(kind)
+        records += these
+    if len(kinds) > 1:
+        raise SaapError("the data files mix Alpaca records and plain text: give files of one kind")
+    return paths, kinds.pop(), records
 
 
 def finetune(
     model: str,
-    data: str,
+    data: str | list[str],
     out: str,
     settings: FinetuneSettings,
     progress: bool = True,
@@ -581,8 +635,9 @@ def finetune(
     """Fine-tune ``model`` on ``data``, merge the adapters and write a saap checkpoint at ``out``.
 
     model: anything ``runtime.models.load_model`` accepts (a saap checkpoint dir, alias, .gguf, HF dir).
-    data: Alpaca-format .json/.jsonl (instruction, input, output) or a plain-text file; relative
-        paths are also tried under the shared data dir.
+    data: Alpaca-format .json/.jsonl (instruction, input, output) or plain text (.txt, or .jsonl
+        of {"text": ...}), one file or a list of files of one kind; relative paths are also tried
+        under the shared data dir.
     out: the merged float checkpoint (project format). For group-lora, ``out/quantized/`` also holds
         the quantized form (``<linear>.qweight/.scales/.zeros`` + ``quantization.json``).
     settings: the hyper-parameters (``FinetuneSettings``); progress: Trainer's progress bar and loss
@@ -601,19 +656,22 @@ def finetune(
     partial = out_dir.with_name(out_dir.name + ".partial")
     if out_dir.exists() and not overwrite:
         raise SaapError(f"output '{out}' already exists (pass --overwrite to replace it)")
-    data_path = resolve_data_file(data)
-    kind, records = read_records(data_path)  # fails on a broken file before the slow model load
+    data_paths, kind, records = read_data(data)  # fails on a broken file before the slow model load
+    data_name = ", ".join(map(str, data_paths))
     model_path = Path(model).expanduser()
     if model_path.is_dir() and not is_checkpoint(model_path) and not (model_path / "config.json").is_file():
         raise SaapError(f"'{model}' is not a checkpoint directory (no {METADATA_FILE} or config.json)")
 
     loaded = load_model(model)
     tokenizer = loaded.tokenizer
+    teacher, teacher_record = (None, None)
+    if settings.teacher:
+        teacher, teacher_record = load_teacher(settings.teacher, loaded.metadata, model, loaded.model)
     if settings.method == "group-lora":
         check_group_size(loaded.model, settings.group_size)
     examples, stats = tokenize_examples(kind, records, tokenizer, settings.seq_len)
     if not examples:
-        raise SaapError(f"data file '{data}' gives no training example at --seq-len {settings.seq_len}")
+        raise SaapError(f"data file '{data_name}' gives no training example at --seq-len {settings.seq_len}")
     if stats["truncated"] or stats["dropped"]:
         dropped = f", {stats['dropped']} left with no response token were dropped" if stats["dropped"] else ""
         print(
@@ -623,11 +681,11 @@ def finetune(
         )
     train_set, val_set = split_examples(examples, settings.val_size, settings.seed)
     if not train_set:
-        raise SaapError(f"data file '{data}' has too few examples to train on")
+        raise SaapError(f"data file '{data_name}' has too few examples to train on")
 
     parent_sha = sha256_file(model_path / METADATA_FILE) if loaded.metadata is not None else None
-    data_sha = sha256_file(data_path)
-    identity = _run_identity(model, parent_sha, data_path, data_sha, settings)
+    files = [{"path": str(p), "sha256": sha256_file(p)} for p in data_paths]
+    identity = _run_identity(model, parent_sha, files, settings)
     resume_from = None
     if partial.exists():
         try:
@@ -657,7 +715,7 @@ def finetune(
     eval_start = (
         evaluation_loss(trained, val_set, collate, settings.batch_size)
         if settings.method == "group-lora"
-        else eval_parent  # LoRA's B starts at zero: the model is the parent's
+        else eval_parent  # LoRA's B starts at zero, and full starts from the weights: the parent's model
     )
 
     # The process peak is set by loading and saving the float model, which hides what the methods
@@ -708,12 +766,16 @@ def finetune(
         resume_from,
     )
     own_callbacks = [clock, tracker] if val_set else [clock]
+    distiller = None
+    if teacher is not None:
+        distiller = Distiller(teacher.to(args.device), settings.temperature, settings.kl_weight, IGNORE)
     trainer = SafetensorsTrainer(
         model=trained,
         args=args,
         train_dataset=train_set,
         data_collator=collate,
         callbacks=[*own_callbacks, *(callbacks or [])],
+        distiller=distiller,
     )
     if progress:
         trainer.remove_callback(ProgressCallback)
@@ -751,9 +813,9 @@ def finetune(
             "kind": (loaded.metadata or {}).get("kind"),
         },
         "source": loaded.source,
+        "teacher": teacher_record,  # None: the language-model loss
         "data": {
-            "path": str(data_path),
-            "sha256": data_sha,
+            "files": files,
             "format": kind,
             "records": len(records),
             "train_examples": len(train_set),

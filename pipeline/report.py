@@ -130,32 +130,35 @@ def gather(run_dir: Path, records: dict[str, dict]) -> dict[str, Any]:
         "final_model": run_dir / final_stage / "model",
         "dense_eval": _read_json(run_dir / "eval" / "dense.json"),
         "model_eval": _read_json(run_dir / "eval" / "model.json"),
+        "pruned_eval": _read_json(run_dir / "eval" / "pruned.json"),  # with fine-tuning: before recovery
         "bench": _read_json(run_dir / "bench" / "bench.json"),
         "artifacts": artifacts,
         "stages": records,
     }
 
 
-def quality_rows(dense: dict | None, model: dict | None) -> list[list[str]]:
+def _score(value: float | None, stderr: float | None) -> str:
+    """An accuracy with its standard error: at 40 documents a task, ±0.07 is the scale of a gap."""
+    if value is None:
+        return "–"
+    return f"{value:.3f} ± {stderr:.3f}" if stderr is not None else f"{value:.3f}"
+
+
+def quality_rows(columns: list[dict | None]) -> list[list[str]]:
+    """One row per metric of the last column's eval, one cell per column (dense, pruned, ...)."""
+    last = columns[-1] or {}
     rows = []
-    names = list(((model or {}).get("perplexity") or {}).keys())
-    for name in names:
-        d = ((dense or {}).get("perplexity") or {}).get(name, {}).get("perplexity")
-        m = model["perplexity"][name]["perplexity"]
-        rows.append([f"{name} perplexity ↓", _fmt(d), _fmt(m)])
-    tasks = ((model or {}).get("zeroshot") or {}).get("tasks", {})
+    for name in last.get("perplexity") or {}:
+        cells = [_fmt(((c or {}).get("perplexity") or {}).get(name, {}).get("perplexity")) for c in columns]
+        rows.append([f"{name} perplexity ↓", *cells])
+    tasks = (last.get("zeroshot") or {}).get("tasks", {})
     for task, r in tasks.items():
-        d = (((dense or {}).get("zeroshot") or {}).get("tasks", {}).get(task) or {}).get("value")
-        rows.append([f"{task} {r['metric']} ↑", _fmt(d, 4), _fmt(r["value"], 4)])
+        results = [((c or {}).get("zeroshot") or {}).get("tasks", {}).get(task) or {} for c in columns]
+        rows.append([f"{task} {r['metric']} ↑", *(_score(t.get("value"), t.get("stderr")) for t in results)])
     if tasks:
-        d = ((dense or {}).get("zeroshot") or {}).get("average")
-        rows.append(
-            [
-                "**7-task average** ↑" if len(tasks) == 7 else "**average** ↑",
-                _fmt(d, 4),
-                _fmt(model["zeroshot"]["average"], 4),
-            ]
-        )
+        label = "**7-task average** ↑" if len(tasks) == 7 else "**average** ↑"
+        zeroshots = [(c or {}).get("zeroshot") or {} for c in columns]
+        rows.append([label, *(_score(z.get("average"), z.get("average_stderr")) for z in zeroshots)])
     return rows
 
 
@@ -230,16 +233,23 @@ def build_markdown(data: dict, config: RunConfig, charts: dict[str, str]) -> str
         lines += _table(
             ["layer", "heads q/kv before", "after", "MLP before", "after", "params before", "after"], layer_rows
         )
-    quality = quality_rows(data["dense_eval"], data["model_eval"])
+    columns = [("dense", data["dense_eval"])]
+    if data["finetuned"] is not None:  # before and after recovery
+        distilled = ", distilled" if data["finetuned"].get("teacher") else ""
+        recovered = f"recovered ({data['finetuned'].get('method')}{distilled})"
+        columns += [("pruned", data["pruned_eval"]), (recovered, data["model_eval"])]
+    else:
+        columns += [("pruned", data["model_eval"])]
+    quality = quality_rows([c for _, c in columns])
     if quality:
-        lines += ["## Quality", ""] + _table(["metric", "dense", "this run"], quality)
+        lines += ["## Quality", ""] + _table(["metric", *(name for name, _ in columns)], quality)
     generations = (data["model_eval"] or {}).get("generations") or []
     if generations:
         dense_generations = {g["prompt"]: g["completion"] for g in (data["dense_eval"] or {}).get("generations") or []}
         rows = [
             [g["prompt"], _cell(dense_generations.get(g["prompt"], "–")), _cell(g["completion"])] for g in generations
         ]
-        lines += ["## Generations (greedy)", ""] + _table(["prompt", "dense", "this run"], rows)
+        lines += ["## Generations (greedy)", ""] + _table(["prompt", "dense", columns[-1][0]], rows)
     throughput = throughput_rows(data["bench"])
     if throughput:
         rows = [

@@ -212,8 +212,13 @@ def _finetune_inputs(ctx: Context) -> dict[str, dict[str, str]]:
     from pipeline.data import resolve_data_file
     from runtime.checkpoint import sha256_file
 
-    data = resolve_data_file(ctx.config.finetune.data)
-    return {"model": ctx.upstream("prune", "model"), "data": {"path": str(data), "sha256": sha256_file(data)}}
+    data = ctx.config.finetune.data
+    files = [resolve_data_file(f) for f in ([data] if isinstance(data, str) else data)]
+    inputs = {"model": ctx.upstream("prune", "model")}
+    inputs |= {f"data[{i}]": {"path": str(f), "sha256": sha256_file(f)} for i, f in enumerate(files)}
+    if ctx.config.finetune.teacher == "parent":  # the dense model the teacher is
+        inputs["teacher"] = ctx.upstream("load", "source.json")
+    return inputs
 
 
 def _finetune_run(ctx: Context, out: Path) -> list[dict]:
@@ -228,26 +233,38 @@ def _eval_inputs(ctx: Context) -> dict[str, dict[str, str]]:
     inputs = {"model": ctx.upstream(ctx.final_stage, "model")}
     if ctx.config.eval.dense:
         inputs["dense"] = ctx.upstream("load", "source.json")
+    if ctx.final_stage != "prune":
+        inputs["pruned"] = ctx.upstream("prune", "model")
     return inputs
 
 
 def _eval_run(ctx: Context, out: Path) -> list[dict]:
     flags = ctx.config.eval.flags()
     commands = [_command(["eval", "--model", ctx.final_model, *flags, "--out", out / "model.json"])]
+    if ctx.final_stage != "prune":  # the report's "before recovery" column
+        pruned = ctx.upstream("prune", "model")["sha256"]
+        commands.append(_eval_or_reuse(ctx, out, "pruned", ctx.output("prune", "model"), [pruned, flags]))
     if ctx.config.eval.dense:
-        # The dense scores depend only on the source and the eval settings: reuse the last ones if those match.
-        dense_key = sha256_bytes(json.dumps([ctx.upstream("load", "source.json")["sha256"], flags]).encode())
-        previous = ctx.run_dir / "eval"
-        previous_record = _read_stage(previous) or {}
-        if previous_record.get("dense_key") == dense_key and (previous / "dense.json").is_file():
-            for name in ("dense.json", "dense.md"):
-                if (previous / name).is_file():
-                    shutil.copy2(previous / name, out / name)
-            commands.append({"args": "(dense scores reused from the previous eval)", "reused": True})
-        else:
-            commands.append(_command(["eval", "--model", ctx.config.model, *flags, "--out", out / "dense.json"]))
-        (out / ".dense_key").write_text(dense_key)
+        dense = ctx.upstream("load", "source.json")["sha256"]
+        commands.append(_eval_or_reuse(ctx, out, "dense", ctx.config.model, [dense, flags]))
     return commands
+
+
+def _eval_or_reuse(ctx: Context, out: Path, name: str, model: Any, key_parts: list) -> dict:
+    """``saap eval`` of ``model`` into ``out/<name>.json``, or the previous eval's copy when that
+    scored the same model with the same settings (a fine-tune change need not re-score the dense
+    model, nor the pruned one)."""
+    key = sha256_bytes(json.dumps(key_parts).encode())
+    previous = ctx.run_dir / "eval"
+    key_file = f".{name}_key"
+    (out / key_file).write_text(key)
+    same = (previous / key_file).is_file() and (previous / key_file).read_text() == key
+    if same and (previous / f"{name}.json").is_file():
+        for suffix in (".json", ".md"):
+            if (previous / f"{name}{suffix}").is_file():
+                shutil.copy2(previous / f"{name}{suffix}", out / f"{name}{suffix}")
+        return {"args": f"({name} scores reused from the previous eval)", "reused": True}
+    return _command(["eval", "--model", model, *ctx.config.eval.flags(), "--out", out / f"{name}.json"])
 
 
 # --- exports ---------------------------------------------------------------------------------------
@@ -443,9 +460,6 @@ def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict)
     }
     if errors:
         record["errors"] = errors
-    dense_key = tmp / ".dense_key"
-    if dense_key.is_file():
-        record["dense_key"] = dense_key.read_text()
     (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     # Swap in: the old output moves aside first, so a crash between the renames loses nothing valid.
     old = None

@@ -123,7 +123,7 @@ def test_group_lora_finetune_lowers_loss_and_writes_both_forms(checkpoint, alpac
     assert record["eval_loss"]["after"] < record["eval_loss"]["start"]
     meta = json.loads((out / "saap.json").read_text())
     assert meta["kind"] == "finetuned" and meta["method"] == "group-lora"
-    assert meta["data"]["sha256"] and meta["settings"]["bits"] == 4 and meta["parent"]["saap_json_sha256"]
+    assert meta["data"]["files"][0]["sha256"] and meta["settings"]["bits"] == 4 and meta["parent"]["saap_json_sha256"]
     assert meta["quantized"]["merge_max_abs_error"] <= 1e-6
     # The training loop's own peak is sampled (statm), the others cumulative (VmHWM, which the kernel
     # updates lazily: the two can differ by a few pages).
@@ -276,7 +276,10 @@ def test_cli_finetune_says_once_that_it_truncated(capsys, checkpoint, alpaca, tm
         (None, ["--group-size", "128"], "does not divide the input width 64"),
         (None, ["--group-size", "48"], "--group-size must be one of"),
         (None, ["--bits", "3"], "--bits must be one of"),
-        (None, ["--method", "full"], "unknown fine-tuning method"),
+        (None, ["--method", "qlora"], "unknown fine-tuning method"),
+        (None, ["--temperature", "0"], "--temperature must be positive"),
+        (None, ["--kl-weight", "1.5"], "--kl-weight must be in [0, 1]"),
+        (None, ["--teacher", "parent"], "records no source model"),
         (None, ["--keep", "first"], "--keep must be one of"),
         (None, ["--eval-steps", "-1"], "--eval-steps must be >= 0"),
     ],

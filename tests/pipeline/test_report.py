@@ -108,8 +108,22 @@ def test_a_failed_benchmark_run_is_a_row_and_its_reason_is_spelled_out(run_dir):
     assert f"**model gguf q4_0 failed:** {reason}" in markdown
 
 
+def test_a_recovered_run_shows_dense_pruned_and_recovered_side_by_side(run_dir):
+    (run_dir / "finetune" / "model").mkdir(parents=True)
+    (run_dir / "finetune" / "model" / "saap.json").write_text(json.dumps({"method": "full", "teacher": {"spec": "parent"}}))
+    (run_dir / "eval" / "pruned.json").write_text(json.dumps(evaluation(45.0, 0.55)))
+    config = parse_config({"model": "smollm2-135m", "finetune": {"enabled": True}}, "demo.yaml")
+    write_report(run_dir, run_dir / "report", config, records("load", "prune", "finetune", "eval", "bench"))
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert "| metric | dense | pruned | recovered (full, distilled) |" in markdown
+    assert "| wikitext2 perplexity ↓ | 20.00 | 45.00 | 30.00 |" in markdown
+
+
 def test_helpers():
-    assert quality_rows(None, evaluation(3.0, 0.5))[0] == ["wikitext2 perplexity ↓", "–", "3.00"]
+    assert quality_rows([None, evaluation(3.0, 0.5)])[0] == ["wikitext2 perplexity ↓", "–", "3.00"]
+    scored = evaluation(3.0, 0.5)
+    scored["zeroshot"]["tasks"]["piqa"]["stderr"] = 0.0712
+    assert quality_rows([scored])[1] == ["piqa acc ↑", "0.500 ± 0.071"]
     result = {"model": "b", "engine": "onnx", "quant": "int8", "by_prompt": {"32": {"decode_tok_s": {"median": 9.0}}}}
     rows = throughput_rows({"results": [result]})
     assert rows[0]["setup"] == "onnx int8" and rows[0]["decode"] == 9.0 and rows[0]["prompt_tokens"] == "32"
