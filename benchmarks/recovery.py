@@ -25,6 +25,10 @@ from _common import PROJECT, environment, run_saap, write_results
 
 WORK = PROJECT / "artifacts" / "recovery"
 DATA = "finetune/alpaca_en_demo.json"
+# Distillation trains on plain text that overlaps neither WikiText-2 nor PTB (nor Wikipedia, which
+# would favour WikiText-2): web text and Gutenberg books.
+DISTILL_DATA = ["calibration/c4_sample.jsonl", "calibration/simplebooks92_valid.txt"]
+DISTILL = "distill-"  # variant prefix: --teacher parent on DISTILL_DATA
 TASKS_NOTE = "7-task average: BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA (lm-eval, acc/acc_norm)"
 
 
@@ -72,17 +76,38 @@ def evaluate(model: Path, name: str, args: argparse.Namespace) -> dict:
     }
 
 
+def parse_variant(variant: str, args: argparse.Namespace) -> dict:
+    """``[distill-]METHOD[:BITS[:RANK]][@LR][#STEPS]``, e.g. ``distill-full@1e-4#600``."""
+    rest, _, steps = variant.partition("#")
+    rest, _, lr = rest.partition("@")
+    distill = rest.startswith(DISTILL)
+    method, bits, rank = (rest.removeprefix(DISTILL).split(":") + ["", ""])[:3]
+    return {
+        "method": method,
+        "bits": bits,
+        "rank": rank,
+        "distill": distill,
+        "lr": lr or str(args.lr),
+        "steps": steps or str(args.steps),
+        "data": DISTILL_DATA if distill else [DATA],
+    }
+
+
 def finetune(model: Path, out: Path, variant: str, args: argparse.Namespace) -> dict:
-    method, bits, rank = (variant.split(":") + ["", ""])[:3]
-    cmd = ["finetune", "--model", str(model), "--data", DATA, "--method", method, "--out", str(out)]
-    cmd += ["--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    cmd += ["--lr", str(args.lr), "--save-steps", "5", "--eval-steps", str(args.eval_steps), "--keep", args.keep]
+    v = parse_variant(variant, args)
+    method, bits, rank = v["method"], v["bits"], v["rank"]
+    cmd = ["finetune", "--model", str(model), "--data", *v["data"], "--method", method, "--out", str(out)]
+    cmd += ["--max-steps", v["steps"], "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    cmd += ["--lr", v["lr"], "--save-steps", "25", "--eval-steps", str(args.eval_steps), "--keep", args.keep]
+    if v["distill"]:
+        cmd += ["--teacher", "parent"]
     cmd += ["--quiet"]
     if method == "group-lora":
         cmd += ["--bits", bits or str(args.bits), "--group-size", str(args.group_size)]
     # Rank 8 unless the variant says otherwise (explicit: saap finetune's default differs per method);
     # alpha stays 2 x rank, saap finetune's default, so the scale alpha/rank is the same.
-    cmd += ["--rank", rank or "8"]
+    if method != "full":
+        cmd += ["--rank", rank or "8"]
     if out.exists():  # finished in an earlier, interrupted benchmark run: only the record is missing
         run = {"wall_s": None, "peak_rss_mb": None, "stdout": "(reused)"}
     else:
@@ -105,6 +130,8 @@ def finetune(model: Path, out: Path, variant: str, args: argparse.Namespace) -> 
         "eval_loss_log": meta.get("eval_loss_log"),
         "kept": meta.get("kept"),
         "train_loss": meta["train_loss"],
+        "data": [f["path"].rsplit("/", 1)[-1] for f in meta["data"]["files"]] if "files" in meta["data"] else [DATA],
+        "teacher": (meta.get("teacher") or {}).get("spec"),
         "quantized": meta["quantized"],
         "peak_rss_phases_mb": meta.get("peak_rss_mb"),  # before training / training loop / through merge
     }
@@ -157,12 +184,14 @@ def markdown(data: dict) -> str:
             if not ft:
                 continue
             loss = ft["eval_loss"]
-            start = f" (quantized start {fmt(loss['start'], 3)})" if method.startswith("group-lora") else ""
+            v = parse_variant(method, argparse.Namespace(**s))
+            start = f" (quantized start {fmt(loss['start'], 3)})" if v["method"] == "group-lora" else ""
             ppl = ev["perplexity"] if ev else {}
-            rank = method.split(":")[2] if method.count(":") == 2 else None
-            label = method.split(":")[0] + (f" ({ft['quantized']['bits']}-bit base)" if ft["quantized"] else "")
-            label += f", rank {rank}" if rank else ""
-            label += f", {ft['trainable_params'] / 1e6:.2f} M trainable"
+            label = ("distil " if v["distill"] else "") + v["method"]
+            label += f" ({ft['quantized']['bits']}-bit base)" if ft["quantized"] else ""
+            label += f", rank {v['rank']}" if v["rank"] else ""
+            label += f", lr {v['lr']}, {ft['steps']} steps, {ft['trainable_params'] / 1e6:.2f} M trainable"
+            label += f"; on {' + '.join(ft.get('data') or [DATA.rsplit('/', 1)[-1]])}"
             per_step = ft.get("seconds_per_step") or round(
                 ft["train_seconds"] / (ft["steps"] - (ft["resumed_from_step"] or 0)), 1
             )

@@ -222,7 +222,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
     quantized = f", quantized form in {args.out}/{record['quantized']['dir']}" if record["quantized"] else ""
     print(
-        f"fine-tuned {args.model} ({args.method}, {record['steps']} steps, {record['train_seconds']:.0f}s): "
+        f"fine-tuned {args.model} ({record['method']}, {record['steps']} steps, {record['train_seconds']:.0f}s): "
         f"validation loss {fmt(losses['parent'])} -> {fmt(losses['after'])} "
         f"(kept step {record['kept']['step']}, {record['kept']['policy']}) -> {args.out}{quantized}"
     )
@@ -398,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         "text (.txt, .jsonl of {\"text\": ...}); several files of one kind are joined",
     )  # fmt: skip
     p.add_argument(
-        "--method", default="group-lora", help="group-lora (SAAP, default) | lora (peft) | full (all kept weights)"
-    )
+        "--method", help="group-lora (SAAP) | lora (peft) | full (all kept weights); default: full with --teacher, "
+        "else group-lora",
+    )  # fmt: skip
     p.add_argument(
         "--teacher", help="distil from this model instead of training on the LM loss; 'parent': the dense model the "
         "checkpoint was pruned from (its saap.json source)",

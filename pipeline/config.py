@@ -70,7 +70,7 @@ class FinetuneConfig(Section):
 
     NOT_FLAGS: ClassVar[frozenset[str]] = frozenset({"enabled"})
     enabled: bool = False
-    method: Literal["group-lora", "lora", "full"] = "group-lora"
+    method: Literal["group-lora", "lora", "full"] | None = None  # default: saap finetune's (full when distilling)
     data: str | list[str] = "finetune/alpaca_en_demo.json"
     teacher: str | None = None  # "parent": distil from the dense model (saap finetune --teacher)
     temperature: float = 1.0

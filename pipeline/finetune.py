@@ -65,6 +65,11 @@ KEEP = ("best", "last")
 # LoRA's parameters; rank 16 gives it LoRA-rank-8's count. Measured (held-out Alpaca loss, SAAP
 # 20 %, 20 steps): group-lora r8 2.697, r16 2.591, lora r8 2.632 (benchmarks/results/recovery-20-*).
 DEFAULT_RANKS = {"group-lora": 16, "lora": 8}
+# The method when none is given, by objective. Distilling SAAP 20 % for 40 steps on plain text, all
+# kept weights reached a held-out loss of 4.300 against 4.380 (group-lora) and 4.382 (lora) at the
+# same ~4 s a step (benchmarks/results/recovery-probe-*). On instruction data without a teacher,
+# group-lora recovered most (benchmarks/results/recovery-smollm2-135m.md).
+DEFAULT_METHODS = {"distill": "full", "lm": "group-lora"}
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100  # label of tokens left out of the loss (prompt and padding)
 
@@ -91,7 +96,8 @@ DEFAULT_MAX_STEPS = 200
 class FinetuneSettings:
     """Every hyper-parameter of a fine-tuning run (all recorded in the output's saap.json).
 
-    method: "group-lora" (default, SAAP), "lora" (peft baseline) or "full" (all kept weights).
+    method: "group-lora" (SAAP), "lora" (peft baseline) or "full" (all kept weights); default
+        ``DEFAULT_METHODS``: full when distilling, group-lora otherwise.
     teacher: None (language-model loss), "parent" (the dense model recorded in saap.json) or a
         model spec: distil from it (``pipeline.distill``).
     temperature, kl_weight: distillation's softmax temperature, and the KL term's weight (the LM
@@ -113,7 +119,7 @@ class FinetuneSettings:
     seed: seeds the adapter init, the data split and order (two runs give identical weights).
     """
 
-    method: str = "group-lora"
+    method: str | None = None  # None: by objective, DEFAULT_METHODS
     bits: int = 4
     group_size: int = 32
     rank: int | None = None
@@ -138,6 +144,8 @@ class FinetuneSettings:
     kl_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.method is None:
+            self.method = DEFAULT_METHODS["distill" if self.teacher else "lm"]
         if self.rank is None:
             self.rank = DEFAULT_RANKS.get(self.method, 8)
         if self.alpha is None:

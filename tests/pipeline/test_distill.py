@@ -101,3 +101,8 @@ def test_several_text_files_are_joined_and_recorded(pruned, text_file, tmp_path)
         alpaca = tmp_path / "a.json"
         alpaca.write_text(json.dumps([{"instruction": "x", "output": "y"}]))
         finetune(str(pruned), [str(text_file), str(alpaca)], str(tmp_path / "x"), settings(), progress=False)
+
+
+def test_distillation_trains_all_kept_weights_unless_told_otherwise():
+    assert FinetuneSettings(teacher="parent").method == "full" and FinetuneSettings().method == "group-lora"
+    assert FinetuneSettings(teacher="parent", method="lora").rank == 8

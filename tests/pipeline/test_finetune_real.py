@@ -36,3 +36,17 @@ def test_two_steps_on_the_pruned_model_give_a_loadable_checkpoint(pruned, tmp_pa
     generate = [sys.executable, "-m", "pipeline.cli", "generate", "--model", str(out), "--max-new-tokens", "4"]
     proc = subprocess.run([*generate, "--prompt", "Paris is"], cwd=PROJECT, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("Paris is"), proc.stderr[-2000:]
+
+
+def test_distillation_from_the_embedded_parent_lowers_the_held_out_loss(pruned, tmp_path):
+    """--teacher parent finds the dense SmolLM2 through the pruned checkpoint's saap.json, and a few
+    steps of all kept weights on plain web text already move the held-out loss down."""
+    out = tmp_path / "distilled"
+    cmd = [sys.executable, "-m", "pipeline.cli", "finetune", "--model", str(pruned), "--teacher", "parent"]
+    cmd += ["--data", "calibration/c4_sample.jsonl", "--out", str(out), "--max-steps", "4", "--batch-size", "2"]
+    cmd += ["--seq-len", "64", "--val-size", "8", "--eval-steps", "0", "--quiet"]
+    proc = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((out / "saap.json").read_text())
+    assert meta["method"] == "full" and meta["teacher"]["source"]["name"] == "smollm2-135m"
+    assert meta["teacher"]["params"] == 134_515_008 and meta["eval_loss"]["after"] < meta["eval_loss"]["parent"]

@@ -110,7 +110,8 @@ def test_a_failed_benchmark_run_is_a_row_and_its_reason_is_spelled_out(run_dir):
 
 def test_a_recovered_run_shows_dense_pruned_and_recovered_side_by_side(run_dir):
     (run_dir / "finetune" / "model").mkdir(parents=True)
-    (run_dir / "finetune" / "model" / "saap.json").write_text(json.dumps({"method": "full", "teacher": {"spec": "parent"}}))
+    finetuned = {"method": "full", "teacher": {"spec": "parent"}}
+    (run_dir / "finetune" / "model" / "saap.json").write_text(json.dumps(finetuned))
     (run_dir / "eval" / "pruned.json").write_text(json.dumps(evaluation(45.0, 0.55)))
     config = parse_config({"model": "smollm2-135m", "finetune": {"enabled": True}}, "demo.yaml")
     write_report(run_dir, run_dir / "report", config, records("load", "prune", "finetune", "eval", "bench"))
