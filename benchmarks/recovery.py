@@ -1,4 +1,5 @@
-"""Recovery fine-tuning: SmolLM2-135M pruned by SAAP, then `saap finetune` group-lora vs lora.
+"""Recovery fine-tuning: SmolLM2-135M pruned by SAAP, then `saap finetune` group-lora vs lora, or
+distillation from the dense parent (variants ``distill-METHOD``) on plain text.
 
     nice -n 10 python benchmarks/recovery.py    # writes benchmarks/results/recovery-smollm2-135m.{json,md}
     python benchmarks/recovery.py --ratios 0.2 --steps 20 --ppl-windows 64 --limit 10 \
@@ -72,6 +73,7 @@ def evaluate(model: Path, name: str, args: argparse.Namespace) -> dict:
         "params": results["params"],
         "perplexity": {k: v["perplexity"] for k, v in results["perplexity"].items()},
         "zeroshot_average": results.get("zeroshot", {}).get("average"),
+        "zeroshot_average_stderr": results.get("zeroshot", {}).get("average_stderr"),
         "zeroshot": {k: v["value"] for k, v in results.get("zeroshot", {}).get("tasks", {}).items()},
     }
 
@@ -144,17 +146,20 @@ def fmt(x, digits: int = 2) -> str:
 def markdown(data: dict) -> str:
     s = data["settings"]
     lines = [
-        "# Recovery fine-tuning: SmolLM2-135M pruned by SAAP, group-lora vs lora",
+        "# Recovery fine-tuning: SmolLM2-135M pruned by SAAP",
         "",
         f"Regenerate: `{data['regenerate']}` ({data['environment']['cpu']}, {data['environment']['cores']} cores)",
         "",
-        f"Fine-tuning: `{DATA}` (999 Alpaca records, 32 held out), {s['steps']} steps x batch {s['batch_size']} "
-        f"x {s['seq_len']} tokens, rank 8 (unless the row says otherwise), alpha 2 x rank, "
-        f"lr {s['lr']} cosine, seed 0, the same budget for every method; "
+        f"Fine-tuning: language-model loss on `{DATA}` (999 Alpaca records, 32 held out), or for `distil` rows "
+        f"the KL divergence to the dense parent (`--teacher parent`, temperature 1) on "
+        f"{' + '.join(f'`{d}`' for d in DISTILL_DATA)} (web text and Gutenberg books: no overlap with WikiText-2, "
+        f"PTB or Wikipedia; 32 windows held out); {s['steps']} steps unless the row says otherwise, x batch "
+        f"{s['batch_size']} x {s['seq_len']} tokens, rank 8 (unless the row says otherwise), alpha 2 x rank, "
+        f"lr {s['lr']} cosine unless the row says otherwise, seed 0; "
         f"group-lora groups of {s['group_size']} input columns.",
         "",
         "**Against the issue's protocol** (a ~30-minute budget per run, whole evaluation sets): "
-        f"{s['steps']} steps per run ({training_minutes(data)} of training per run); "
+        f"{s['steps']} steps per run unless the row says otherwise ({training_minutes(data)} of training per run); "
         f"perplexity over the first {s['ppl_windows']} "
         "windows of 128 tokens (WikiText-2 test, PTB validation) instead of the whole sets; "
         + (
@@ -163,7 +168,8 @@ def markdown(data: dict) -> str:
             else "zero-shot tasks not run."
         ),
         "",
-        "Val loss: mean next-token loss on the 32 held-out Alpaca records, parent → merged result. Train (s): the "
+        "Val loss: mean next-token loss on the held-out part of the row's own training data, parent → merged "
+        "result (so rows on different data are not comparable by it). Train (s): the "
         "Trainer's loop; peak RSS: the whole `saap finetune` process (load, quantize, train, merge, save), and the "
         "training loop's own peak (sampled every 10 ms; it includes the model held for training).",
         "",
@@ -171,13 +177,19 @@ def markdown(data: dict) -> str:
         "| kept step | WikiText-2 | PTB | 7-task avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    dense = data.get("dense_eval")
+    if dense:
+        ppl = dense["perplexity"]
+        lines.append(
+            f"| — | dense | — | — | — | — | — | — | {fmt(ppl['wikitext2'])} | {fmt(ppl['ptb'])} | {average(dense)} |"
+        )
     for ratio, r in data["ratios"].items():
         before = r.get("pruned_eval")
         if before:
             ppl = before["perplexity"]
             lines.append(
                 f"| {ratio} | pruned (before) | — | — | — | — | — | — | {fmt(ppl['wikitext2'])} | {fmt(ppl['ptb'])} | "
-                f"{fmt(before['zeroshot_average'], 4)} |"
+                f"{average(before)} |"
             )
         for method in data["settings"]["variants"]:
             ft, ev = r.get(method), r.get(f"{method}_eval")
@@ -201,7 +213,7 @@ def markdown(data: dict) -> str:
                 f"{ft['peak_rss_mb'] or '—'} | {training_peak(ft) or '—'} | "
                 f"{fmt(loss['parent'], 3)} → {fmt(loss['after'], 3)}{start} | {kept_step(ft)} | "
                 f"{fmt(ppl.get('wikitext2'))} | "
-                f"{fmt(ppl.get('ptb'))} | {fmt(ev['zeroshot_average'], 4) if ev else '—'} |"
+                f"{fmt(ppl.get('ptb'))} | {average(ev) if ev else '—'} |"
             )
     if any(r.get(v, {}).get("resumed_from_step") for r in data["ratios"].values() for v in s["variants"]):
         lines += [
@@ -225,6 +237,18 @@ def markdown(data: dict) -> str:
     if data.get("verdict"):
         lines += ["", data["verdict"]]
     return "\n".join(lines) + "\n"
+
+
+def average(evaluation: dict) -> str:
+    """The 7-task average with its standard error (read from the eval's own file for stages stored
+    before the stage result carried it)."""
+    stderr = evaluation.get("zeroshot_average_stderr")
+    if stderr is None and "--out" in evaluation.get("command", ""):
+        out = Path(evaluation["command"].split("--out ", 1)[1].split(" ", 1)[0])
+        if out.is_file():
+            stderr = json.loads(out.read_text()).get("zeroshot", {}).get("average_stderr")
+    value = fmt(evaluation.get("zeroshot_average"), 4)
+    return value if stderr is None or value == "—" else f"{value} ± {stderr:.4f}"
 
 
 def kept_step(finetune: dict) -> str:
@@ -282,7 +306,49 @@ def verdict(data: dict) -> str:
                 f"process peak RSS {rg} MB vs lora {rl} MB ({'lower' if rg and rl and rg < rl else 'not lower'})"
                 f"{training}."
             )
+    notes += distill_verdict(data)
     return "Against the issue's targets: " + " ".join(notes) if notes else ""
+
+
+REFERENCE = Path(__file__).resolve().parent / "results" / "recovery-smollm2-135m.json"  # group-lora on Alpaca
+
+
+def distill_verdict(data: dict) -> list[str]:
+    """Each distillation row against the committed group-lora-on-Alpaca row of its ratio (same
+    protocol, measured earlier: its machine is named) and against the dense model."""
+    reference = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else {"ratios": {}, "settings": {}}
+    protocol = ("ppl_windows", "limit", "seq_len")
+    if any(reference["settings"].get(k) != data["settings"].get(k) for k in protocol):
+        reference = {"ratios": {}}  # another evaluation protocol: no comparison
+    dense = data.get("dense_eval")
+    notes = []
+    for ratio, r in data["ratios"].items():
+        ref_ratio = reference["ratios"].get(ratio, {})
+        ref_variant = next((v for v in ref_ratio if v.startswith("group-lora") and not v.endswith("_eval")), None)
+        for variant in data["settings"]["variants"]:
+            ev, ft = r.get(f"{variant}_eval"), r.get(variant)
+            if not (variant.startswith(DISTILL) and ev and ft):
+                continue
+            w, p, z = ev["perplexity"]["wikitext2"], ev["perplexity"]["ptb"], ev["zeroshot_average"]
+            line = f"ratio {ratio}, {variant} ({ft['train_seconds'] / 60:.1f} min of training): WikiText-2 {w:.2f}, "
+            line += f"PTB {p:.2f}, 7-task {fmt(z, 4)}"
+            ref = ref_ratio.get(f"{ref_variant}_eval") if ref_variant else None
+            if ref:
+                rw, rp, rz = ref["perplexity"]["wikitext2"], ref["perplexity"]["ptb"], ref["zeroshot_average"]
+                wins = [n for n, ours, theirs in (("WikiText-2", w, rw), ("PTB", p, rp)) if ours < theirs]
+                if z is not None and rz is not None and z > rz:
+                    wins.append("7-task")
+                line += (
+                    f"; committed {ref_variant} on Alpaca ({ref_ratio[ref_variant]['train_seconds'] / 60:.1f} min, "
+                    f"{reference['environment']['cpu']}): {rw:.2f} / {rp:.2f} / {fmt(rz, 4)}, "
+                    f"so distillation is better on {', '.join(wins) or 'none'} of the three"
+                )
+            if dense:
+                dw, dz = dense["perplexity"]["wikitext2"], dense["zeroshot_average"]
+                line += f"; {w / dw:.2f} x the dense WikiText-2 (aim 1.5 x)"
+                line += f", {z / dz:.1%} of the dense 7-task average (aim 97 %)" if z and dz else ""
+            notes.append(line + ".")
+    return notes
 
 
 def main() -> None:
@@ -335,6 +401,11 @@ def main() -> None:
         data["verdict"] = verdict(data)
         write_results(out_name, data, markdown(data))
 
+    if any(v.startswith(DISTILL) for v in args.variants):  # the distillation targets are relative to it
+        try:
+            data["dense_eval"] = stage("eval-dense", lambda: evaluate("smollm2-135m", "dense", args))
+        except NotRun as e:
+            print(f"not run yet: {e}")
     for ratio in args.ratios:
         try:
             run_ratio(ratio, args, data, save)
