@@ -258,7 +258,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"{args.config}: valid; run directory {config.run_dir}")
         return
     started = time.perf_counter()
-    rows = run_pipeline(config, Path(args.config), args.from_stage, args.until_stage, args.force)
+    rows = run_pipeline(config, Path(args.config), args.from_stage, args.until_stage, args.force, verbose=args.verbose)
     print(summary_table(rows))
     report = config.run_dir / "report.html"
     where = f"; report: {report}" if report.is_file() and rows[-1]["stage"] == "report" else ""
@@ -480,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", dest="until_stage", choices=STAGES, help="stop after this stage")
     p.add_argument("--force", action="append", default=[], choices=STAGES, help="rerun this stage (repeatable)")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also show what the stages' children print (else in log.txt)"
+    )
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -82,8 +82,28 @@ def load_teacher(teacher: str, metadata: dict[str, Any] | None, model: str, stud
     loaded.model.eval()
     for p in loaded.model.parameters():
         p.requires_grad_(False)
+    if recorded:
+        _share_embeddings(loaded.model, student)
     params = sum(p.numel() for p in loaded.model.parameters())
     return loaded.model, {"spec": teacher, "source": loaded.source, "params": params}
+
+
+def _share_embeddings(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+    """Point the teacher's embedding (and a head tied to it) at the student's tensor.
+
+    Pruning never changes the embedding and no recovery method trains it, so a parent's and its
+    student's are the same 28 M values at SmolLM2's size (113 MB). The teacher's weights are
+    memory-mapped, so its own copy is never read, and never resident, once it is replaced before
+    the first forward. A few sampled rows guard against a parent that is not what the student was
+    pruned from after all."""
+    mine, theirs = student.get_input_embeddings().weight, teacher.get_input_embeddings().weight
+    rows = torch.linspace(0, mine.shape[0] - 1, 8).long()
+    if mine.shape != theirs.shape or not torch.equal(mine[rows], theirs[rows]):
+        return
+    tied_head = teacher.get_output_embeddings().weight is theirs
+    teacher.get_input_embeddings().weight = mine
+    if tied_head:
+        teacher.get_output_embeddings().weight = mine
 
 
 class Distiller:

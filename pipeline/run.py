@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -77,10 +78,18 @@ class ChildResult:
     error: str | None = None  # the child's one-line error, with check=False
 
 
-def run_saap(args: list[str], log: Path, check: bool = True) -> ChildResult:
-    """``saap ARGS`` in a child process: progress bars on our stderr, its stdout into ``log``.
+PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar: "Running ...:  42%|████      | 84/200 [...]"
 
-    A non-zero exit raises (``check``) or comes back as ``error``.
+
+def run_saap(
+    args: list[str], log: Path, check: bool = True, progress: Callable[[str], None] | None = None
+) -> ChildResult:
+    """``saap ARGS`` in a child process, its stdout into ``log``.
+
+    Its stderr (library warnings, progress bars, llama.cpp's C-level logging) goes to our stderr
+    as it comes, or with ``progress`` given, into ``log`` too, and only its progress bars reach
+    ``progress`` (tqdm redraws with ``\r``, which text mode reads as a line end). A non-zero exit
+    raises (``check``) or comes back as ``error``.
     """
     started = time.perf_counter()
     with open(log, "a") as out:
@@ -94,9 +103,17 @@ def run_saap(args: list[str], log: Path, check: bool = True) -> ChildResult:
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         errors = []
-        for line in child.stderr:  # pass progress through; keep the last lines for the error message
-            sys.stderr.write(line)
-            errors = (errors + [line.strip()])[-3:]
+        for line in child.stderr:  # keep the last lines for the error message
+            is_bar = bool(PROGRESS.search(line))
+            if progress is None:
+                sys.stderr.write(line)
+            elif is_bar:
+                progress(line.strip())
+            if not is_bar:
+                if progress is not None:
+                    out.write(line)
+                    out.flush()
+                errors = (errors + [line.strip()])[-3:]
         _, status, usage = os.wait4(child.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     result = ChildResult(time.perf_counter() - started, round(usage.ru_maxrss / 1024))
@@ -110,13 +127,44 @@ def run_saap(args: list[str], log: Path, check: bool = True) -> ChildResult:
     return result
 
 
+class StageLine:
+    """A stage's line on the terminal. On a terminal it shows, in place, the newest progress bar
+    of the stage's child; elsewhere (a CI log, a pipe) nothing is printed while the stage runs.
+    Everything else the children print goes to the stage's log.txt (``saap run -v`` shows it)."""
+
+    def __init__(self, label: str):
+        self.label, self.tty = label, sys.stdout.isatty()
+
+    def start(self) -> None:
+        print(f"{self.label} running ...", end="" if self.tty else "\n", flush=True)
+
+    def progress(self, bar: str) -> None:
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1
+            sys.stdout.write(f"\r{self.label} {bar}"[: width + 1] + "\x1b[K")
+            sys.stdout.flush()
+
+    def finish(self, text: str) -> None:
+        if self.tty:
+            sys.stdout.write("\r\x1b[K")
+        print(f"{self.label} {text}", flush=True)
+
+
+def _log_tail(log: Path, lines: int = 5) -> list[str]:
+    """The last lines a failed stage's children wrote, to show under its stage line."""
+    try:
+        return [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-lines:]
+    except OSError:
+        return []
+
+
 @dataclass
 class Context:
     config: RunConfig
     config_path: Path
     run_dir: Path
     records: dict[str, dict] = field(default_factory=dict)  # stage -> its stage.json, as the run goes
-    progress: bool = True
+    verbose: bool = False  # children's stderr on the terminal, instead of only in each stage's log.txt
 
     def output(self, stage: str, relative: str) -> Path:
         return self.run_dir / stage / relative
@@ -241,12 +289,12 @@ def _eval_inputs(ctx: Context) -> dict[str, dict[str, str]]:
 def _eval_run(ctx: Context, out: Path) -> list[dict]:
     flags = ctx.config.eval.flags()
     commands = [_command(["eval", "--model", ctx.final_model, *flags, "--out", out / "model.json"])]
-    if ctx.final_stage != "prune":  # the report's "before recovery" column
-        pruned = ctx.upstream("prune", "model")["sha256"]
-        commands.append(_eval_or_reuse(ctx, out, "pruned", ctx.output("prune", "model"), [pruned, flags]))
     if ctx.config.eval.dense:
         dense = ctx.upstream("load", "source.json")["sha256"]
         commands.append(_eval_or_reuse(ctx, out, "dense", ctx.config.model, [dense, flags]))
+    if ctx.final_stage != "prune":  # the report's "before recovery" column
+        pruned = ctx.upstream("prune", "model")["sha256"]
+        commands.append(_eval_or_reuse(ctx, out, "pruned", ctx.output("prune", "model"), [pruned, flags]))
     return commands
 
 
@@ -416,7 +464,7 @@ def _clean_leftovers(run_dir: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict) -> dict:
+def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict, line: StageLine | None = None) -> dict:
     final = ctx.run_dir / stage.name
     # Named by the key, so a rerun after a crash finds the killed attempt's directory: its
     # ``*.partial`` entries (saap finetune's resumable checkpoints) survive, everything else goes.
@@ -426,6 +474,7 @@ def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict)
             if not entry.name.endswith(".partial"):
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     tmp.mkdir(exist_ok=True)
+    line = line or StageLine(stage.name)
     started = time.perf_counter()
     peak = 0
     log = tmp / "log.txt"
@@ -436,10 +485,13 @@ def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict)
             ran.append(command)
             continue
         partial = command.get("partial")
-        result = run_saap(command["args"], log, check=partial is None)
+        result = run_saap(command["args"], log, check=False, progress=None if ctx.verbose else line.progress)
         if result.error:
-            if not (tmp / partial).is_file():
-                raise SaapError(result.error)
+            if partial is None or not (tmp / partial).is_file():
+                line.finish("failed; the last lines of its log:")
+                for text in _log_tail(log):
+                    print(f"    {text}", flush=True)
+                raise SaapError(f"{result.error} (log: {log})")
             errors.append(result.error.replace(str(tmp), str(final)))
         peak = max(peak, result.peak_rss_mb)
         # Record the command as it reads for the finished stage, not for its temporary directory.
@@ -478,16 +530,17 @@ def run_pipeline(
     from_stage: str | None = None,
     until_stage: str | None = None,
     force: list[str] | None = None,
-    progress: bool = True,
+    verbose: bool = False,
 ) -> list[dict]:
-    """Run (or resume) every stage; returns one summary row per stage."""
+    """Run (or resume) every stage; returns one summary row per stage. ``verbose``: the children's
+    warnings, bars and logs on the terminal too, not only in each stage's log.txt."""
     for name in [from_stage, until_stage, *(force or [])]:
         if name is not None and name not in STAGES:
             raise SaapError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
     first = STAGES.index(from_stage) if from_stage else 0
     last = STAGES.index(until_stage) if until_stage else len(STAGES) - 1
     forced = set(force or []) | (set(STAGES[first:]) if from_stage else set())
-    ctx = Context(config, config_path, config.run_dir, progress=progress)
+    ctx = Context(config, config_path, config.run_dir, verbose=verbose)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     summary = []
     for index, stage in enumerate(PIPELINE):
@@ -514,8 +567,9 @@ def run_pipeline(
         elif record is not None:
             status = "skipped"
         else:
-            print(f"{label} running ...", flush=True)
-            record = _execute(stage, ctx, key, inputs, settings)
+            line = StageLine(label)
+            line.start()
+            record = _execute(stage, ctx, key, inputs, settings, line)
             status = "ran"
         ctx.records[stage.name] = record
         summary.append(
@@ -530,7 +584,7 @@ def run_pipeline(
         note = "up to date" if status != "ran" else _format_seconds(record["wall_s"])
         if record.get("errors"):
             note += f", with errors: {record['errors'][0]}"
-        print(f"{label} {status:<7} {note}  peak RSS {record['peak_rss_mb']} MB", flush=True)
+        StageLine(label).finish(f"{status:<7} {note}  peak RSS {record['peak_rss_mb']} MB")
     if "report" in ctx.records:
         _publish_report(ctx.run_dir)
     _clean_leftovers(ctx.run_dir)

@@ -106,3 +106,13 @@ def test_several_text_files_are_joined_and_recorded(pruned, text_file, tmp_path)
 def test_distillation_trains_all_kept_weights_unless_told_otherwise():
     assert FinetuneSettings(teacher="parent").method == "full" and FinetuneSettings().method == "group-lora"
     assert FinetuneSettings(teacher="parent", method="lora").rank == 8
+
+
+def test_the_parent_shares_the_students_embedding_instead_of_holding_a_copy(pruned, hf_dir):
+    from pipeline.distill import load_teacher
+
+    loaded = load_model(str(pruned))
+    teacher, record = load_teacher("parent", loaded.metadata, str(pruned), loaded.model)
+    shared = loaded.model.get_input_embeddings().weight
+    assert teacher.get_input_embeddings().weight is shared and teacher.get_output_embeddings().weight is shared
+    assert record["params"] == sum(p.numel() for p in load_model(str(hf_dir)).model.parameters())

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.config import check_semantics, load_config
-from pipeline.run import STAGE_FILE, STAGES, manifest, run_pipeline
+from pipeline.run import STAGE_FILE, STAGES, manifest, run_pipeline, run_saap
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import SaapError
 from tests.conftest import SAMPLE_TEXT, make_model, make_tokenizer
@@ -46,7 +46,16 @@ def write_config(root: Path, **changes) -> Path:
             "num_samples": 2,
             "seq_len": 32,
         },
-        "finetune": {"enabled": True, "max_steps": 2, "batch_size": 1, "seq_len": 256, "val_size": 4, "save_steps": 1},
+        "finetune": {
+            "enabled": True,
+            "teacher": "parent",  # the default run's recovery: distillation from the dense tiny model
+            "data": text,
+            "max_steps": 2,
+            "batch_size": 1,
+            "seq_len": 32,
+            "val_size": 4,
+            "save_steps": 1,
+        },
         "eval": {"ppl": [text], "ppl_windows": 2, "seq_len": "32", "generate": True},
         "export": {"onnx": ["fp32"], "gguf": ["f16"]},
         "bench": {"engines": ["torch"], "prompt_tokens": [8], "gen_tokens": 4, "repeats": 1, "warmup": 0},
@@ -84,6 +93,9 @@ def test_every_stage_writes_a_verifiable_record(workspace, first_run):
     assert metadata["params_after"] < metadata["params_before"]
     finetuned = json.loads((run_dir / "finetune" / "model" / "saap.json").read_text())
     assert finetuned["kind"] == "finetuned" and finetuned["parent"]["model"] == str(run_dir / "prune" / "model")
+    assert finetuned["teacher"]["source"]["path"] == str(workspace / "tiny") and finetuned["method"] == "full"
+    pruned_eval = json.loads((run_dir / "eval" / "pruned.json").read_text())  # the report's "before recovery"
+    assert pruned_eval["model"] == str(run_dir / "prune" / "model")
     evaluation = json.loads((run_dir / "eval" / "model.json").read_text())
     assert evaluation["model"] == str(run_dir / "finetune" / "model")  # later stages take the fine-tuned model
     dense = json.loads((run_dir / "eval" / "dense.json").read_text())
@@ -196,3 +208,14 @@ def test_a_command_that_fails_after_writing_its_partial_output_is_recorded_not_f
     assert (ctx.run_dir / "bench" / "bench.json").is_file() and "bench.json" in record["outputs"]
     with pytest.raises(SaapError, match="does not exist"):  # nothing written: an error at once
         _execute(bench_like(False), ctx, "b" * 64, {}, {})
+
+
+def test_a_stage_child_prints_only_progress_bars_and_the_rest_goes_to_its_log(workspace, tmp_path, capfd):
+    log, bars = tmp_path / "log.txt", []
+    args = ["prune", "--model", str(workspace / "tiny"), "--ratio", "0.2", "--align", "4", "--num-samples", "2"]
+    args += ["--calibration", str(workspace / "text.txt"), "--seq-len", "16", "--out", str(tmp_path / "p")]
+    assert run_saap(args, log, progress=bars.append).error is None
+    assert capfd.readouterr().err == "" and bars and all("%|" in bar for bar in bars)
+    failed = run_saap(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"], log, False, bars.append)
+    assert "does not exist" in failed.error and capfd.readouterr().err == ""
+    assert "saap: error:" in log.read_text() and "%|" not in log.read_text()
