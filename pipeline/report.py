@@ -210,9 +210,14 @@ def build_markdown(data: dict, config: RunConfig, charts: dict[str, str]) -> str
     lines += ["## Size", ""] + _table(["", "dense", "pruned"], summary)
     if data["finetuned"]:
         ft = data["finetuned"]
+        teacher = ft.get("teacher")
+        how = f"distilled from `{teacher['source'].get('name')}`" if teacher and teacher.get("source") else "fine-tuned"
+        data_files = ", ".join(f"`{Path(f['path']).name}`" for f in (ft.get("data") or {}).get("files", []))
         lines += [
-            f"Fine-tuned with `{ft.get('settings', {}).get('method', '?')}` "
-            f"({ft.get('settings', {}).get('max_steps', '?')} steps).",
+            f"Recovered: {how}, training `{ft.get('settings', {}).get('method', '?')}` for "
+            f"{ft.get('steps', ft.get('settings', {}).get('max_steps', '?'))} steps"
+            + (f" on {data_files}" if data_files else "")
+            + ".",
             "",
         ]
     if "layers" in charts:
