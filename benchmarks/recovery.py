@@ -240,13 +240,8 @@ def markdown(data: dict) -> str:
 
 
 def average(evaluation: dict) -> str:
-    """The 7-task average with its standard error (read from the eval's own file for stages stored
-    before the stage result carried it)."""
+    """The 7-task average with its standard error, where the stage recorded one."""
     stderr = evaluation.get("zeroshot_average_stderr")
-    if stderr is None and "--out" in evaluation.get("command", ""):
-        out = Path(evaluation["command"].split("--out ", 1)[1].split(" ", 1)[0])
-        if out.is_file():
-            stderr = json.loads(out.read_text()).get("zeroshot", {}).get("average_stderr")
     value = fmt(evaluation.get("zeroshot_average"), 4)
     return value if stderr is None or value == "—" else f"{value} ± {stderr:.4f}"
 

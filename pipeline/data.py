@@ -46,6 +46,11 @@ def resolve_data_file(spec: str, named: dict[str, str] | None = None) -> Path:
     return path
 
 
+def resolve_data_files(data: str | list[str]) -> list[Path]:
+    """``resolve_data_file`` of one spec or of each of a list (``saap finetune --data A B``)."""
+    return [resolve_data_file(spec) for spec in ([data] if isinstance(data, str) else data)]
+
+
 def read_documents(path: Path) -> list[str]:
     """Documents of a .txt (one document), .jsonl (field ``text``) or .json (list of records) file."""
     try:

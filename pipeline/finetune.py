@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from pipeline.data import resolve_data_file
+from pipeline.data import resolve_data_files
 from pipeline.distill import Distiller, load_teacher
 from pipeline.group_lora import (
     BITS,
@@ -618,7 +618,7 @@ def _run_identity(spec: str, parent_sha: str | None, files: list[dict[str, str]]
 
 def read_data(data: str | list[str]) -> tuple[list[Path], str, list[Any]]:
     """(paths, kind, records) of one or more data files of one kind (all Alpaca, or all text)."""
-    paths = [resolve_data_file(d) for d in ([data] if isinstance(data, str) else data)]
+    paths = resolve_data_files(data)
     if not paths:
         raise SaapError("no data file given")
     kinds, records = set(), []

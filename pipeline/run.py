@@ -257,11 +257,10 @@ def _prune_run(ctx: Context, out: Path) -> list[dict]:
 
 
 def _finetune_inputs(ctx: Context) -> dict[str, dict[str, str]]:
-    from pipeline.data import resolve_data_file
+    from pipeline.data import resolve_data_files
     from runtime.checkpoint import sha256_file
 
-    data = ctx.config.finetune.data
-    files = [resolve_data_file(f) for f in ([data] if isinstance(data, str) else data)]
+    files = resolve_data_files(ctx.config.finetune.data)
     inputs = {"model": ctx.upstream("prune", "model")}
     inputs |= {f"data[{i}]": {"path": str(f), "sha256": sha256_file(f)} for i, f in enumerate(files)}
     if ctx.config.finetune.teacher == "parent":  # the dense model the teacher is
@@ -291,18 +290,19 @@ def _eval_run(ctx: Context, out: Path) -> list[dict]:
     commands = [_command(["eval", "--model", ctx.final_model, *flags, "--out", out / "model.json"])]
     if ctx.config.eval.dense:
         dense = ctx.upstream("load", "source.json")["sha256"]
-        commands.append(_eval_or_reuse(ctx, out, "dense", ctx.config.model, [dense, flags]))
+        commands.append(_eval_or_reuse(ctx, out, "dense", ctx.config.model, dense))
     if ctx.final_stage != "prune":  # the report's "before recovery" column
         pruned = ctx.upstream("prune", "model")["sha256"]
-        commands.append(_eval_or_reuse(ctx, out, "pruned", ctx.output("prune", "model"), [pruned, flags]))
+        commands.append(_eval_or_reuse(ctx, out, "pruned", ctx.output("prune", "model"), pruned))
     return commands
 
 
-def _eval_or_reuse(ctx: Context, out: Path, name: str, model: Any, key_parts: list) -> dict:
+def _eval_or_reuse(ctx: Context, out: Path, name: str, model: Any, model_digest: str) -> dict:
     """``saap eval`` of ``model`` into ``out/<name>.json``, or the previous eval's copy when that
-    scored the same model with the same settings (a fine-tune change need not re-score the dense
-    model, nor the pruned one)."""
-    key = sha256_bytes(json.dumps(key_parts).encode())
+    scored the same model (``model_digest``) with the same settings (a fine-tune change need not
+    re-score the dense model, nor the pruned one)."""
+    flags = ctx.config.eval.flags()
+    key = sha256_bytes(json.dumps([model_digest, flags]).encode())
     previous = ctx.run_dir / "eval"
     key_file = f".{name}_key"
     (out / key_file).write_text(key)
@@ -312,7 +312,7 @@ def _eval_or_reuse(ctx: Context, out: Path, name: str, model: Any, key_parts: li
             if (previous / f"{name}{suffix}").is_file():
                 shutil.copy2(previous / f"{name}{suffix}", out / f"{name}{suffix}")
         return {"args": f"({name} scores reused from the previous eval)", "reused": True}
-    return _command(["eval", "--model", model, *ctx.config.eval.flags(), "--out", out / f"{name}.json"])
+    return _command(["eval", "--model", model, *flags, "--out", out / f"{name}.json"])
 
 
 # --- exports ---------------------------------------------------------------------------------------
