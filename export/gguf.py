@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.formats import DEFAULT_QUANT, GGUF_QUANTS
 from runtime.errors import SaapError
 from runtime.surgery import LayerShape, head_dim, layer_shapes
 
-GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m")
 # quant -> (llama_cpp LLAMA_FTYPE_* constant, the types its mix gives a matrix whose rows fit: the
 # nominal type first; llama.cpp gives some tensors (output, attn_v, some ffn_down) Q6_K / Q5_K)
 LLAMA_QUANTS = {
@@ -540,7 +540,7 @@ def write_gguf(
     tensors: dict[str, torch.Tensor],
     tokenizer,
     out: str | Path,
-    quant: str = "f16",
+    quant: str = DEFAULT_QUANT,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -592,7 +592,7 @@ def _umask() -> int:
 
 
 def export_gguf(
-    model: str | Path, out: str | Path, quant: str = "f16", overwrite: bool = False, progress: bool = True
+    model: str | Path, out: str | Path, quant: str = DEFAULT_QUANT, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Export anything ``runtime.models.load_model`` accepts (checkpoint dir, alias, .gguf, HF dir) to GGUF."""
     from runtime.models import load_model

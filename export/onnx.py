@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
+from export.formats import DEFAULT_PRECISION, ONNX_PRECISIONS
 from runtime.checkpoint import atomic_output_dir, sha256_file, write_json_atomic
 from runtime.errors import SaapError
 from runtime.onnx_engine import MODEL_FILE, RECORD_FILE, OnnxSession
 from runtime.surgery import head_dim, layer_shapes
 
-ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 OPSET = 18
 FORMAT_VERSION = 1
 EXTERNAL_DATA_FILE = MODEL_FILE + "_data"  # optimum's name for the weights of a >2 GB graph
@@ -586,7 +586,7 @@ def _package_version(name: str) -> str | None:
 def export_onnx(
     model: str | Path,
     out: str | Path,
-    precision: str = "fp32",
+    precision: str = DEFAULT_PRECISION,
     overwrite: bool = False,
     progress: bool = True,
     agreement_windows_count: int = AGREEMENT_WINDOWS,

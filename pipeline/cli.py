@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from export.formats import DEFAULT_PRECISION, DEFAULT_QUANT, GGUF_QUANTS, ONNX_PRECISIONS
+from pipeline.options import add_options, from_args
 from runtime.errors import SaapError
 
 
@@ -39,24 +41,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from runtime.checkpoint import save_checkpoint
     from runtime.models import load_model
 
-    settings = PruneSettings(
-        method=args.method,
-        ratio=args.ratio,
-        target_params=args.target_params,
-        target_decode_bytes=args.target_decode_bytes,
-        align=args.align,
-        importance=args.importance,
-        calibration=args.calibration,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        ablation=args.ablation,
-        search=args.search,
-        fluctuation_weight=args.fluctuation_weight,
-        bias_compensation=not args.no_bias_compensation,
-        device_map=args.device_map,
-    )
+    settings = from_args(PruneSettings, args)
     # Fail on bad input before the (slow) model load.
     if Path(args.out).exists() and not args.overwrite:
         raise SaapError(f"output '{args.out}' already exists (pass --overwrite to replace it)")
@@ -230,17 +215,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "onnx":
-        from export.onnx import ONNX_PRECISIONS, export_onnx
+        from export.onnx import export_onnx
 
-        precision = args.precision or "fp32"
+        precision = args.precision or DEFAULT_PRECISION
         if precision not in ONNX_PRECISIONS:
             raise SaapError(f"unknown ONNX precision '{precision}' (choose from {', '.join(ONNX_PRECISIONS)})")
         report = export_onnx(args.model, args.out, precision, overwrite=args.overwrite, progress=not args.quiet)
         size = report["model_bytes"] / 2**20
     else:
-        from export.gguf import GGUF_QUANTS, export_gguf
+        from export.gguf import export_gguf
 
-        quant = args.quant or "f16"
+        quant = args.quant or DEFAULT_QUANT
         if quant not in GGUF_QUANTS:
             raise SaapError(f"unknown GGUF quantization '{quant}' (choose from {', '.join(GGUF_QUANTS)})")
         report = export_gguf(args.model, args.out, quant, overwrite=args.overwrite, progress=not args.quiet)
@@ -332,35 +317,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.data import DEFAULT_CALIBRATION
-    from pipeline.importance import ESTIMATORS
-    from pipeline.prune import METHODS
+    from pipeline.evaluate import EvalSettings
+    from pipeline.prune import PruneSettings
 
     parser = _Parser(prog="saap", description="Prune LLaMA-family models and deploy them to edge runtimes.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     p = verbs.add_parser("prune", help="structurally prune a model and save the smaller checkpoint")
     _add_model(p)
-    p.add_argument("--ratio", type=float, help="fraction of all parameters to remove, in (0, 0.9] (default 0.2)")
-    p.add_argument("--target-params", type=int, help="budget as parameters to keep (instead of --ratio)")
-    p.add_argument("--target-decode-bytes", type=int, help="budget as float32 weight bytes read per token")
-    p.add_argument("--method", default="llm-pruner", choices=sorted(METHODS))
-    p.add_argument("--importance", choices=sorted(ESTIMATORS), help="llm-pruner: override its importance estimator")
-    p.add_argument("--ablation", default="fused", help="saap importance: fused | sum | vector | element")
-    p.add_argument("--search", default="uniform", help="saap structure search: uniform (default) | adaptive")
-    p.add_argument("--fluctuation-weight", type=float, default=1.0, help="saap: weight of module fluctuation")
-    p.add_argument(
-        "--no-bias-compensation", action="store_true", help="flap: do not add the removed channels' mean to the biases"
-    )
-    p.add_argument(
-        "--device-map", choices=["auto"], help="spread the model over all devices for estimation (accelerate)"
-    )
-    p.add_argument("--align", type=int, default=32, help="kept MLP widths and q-head widths are multiples of this")
-    p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="text/jsonl/json calibration file")
-    p.add_argument("--num-samples", type=int, default=32, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
-    p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per backward pass (memory)")
-    p.add_argument("--seed", type=int, default=0)
+    add_options(p, PruneSettings)
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -378,15 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("eval", help="evaluate a model: perplexity, zero-shot accuracy (lm-eval), generations")
     _add_model(p)
-    p.add_argument("--ppl", nargs="+", default=[], help="wikitext2, ptb, or text files")
-    p.add_argument("--seq-len", default="128", help="perplexity window in tokens (LLM-Pruner: 128), or 'max'")
-    p.add_argument("--ppl-windows", type=int, help="evaluate only the first N perplexity windows")
-    p.add_argument("--tasks", nargs="+", default=[], help="zero-shot tasks (lm-eval), or 'all' for the 7-task suite")
-    p.add_argument("--limit", type=int, help="first N documents of every zero-shot task")
-    p.add_argument("--data-dir", type=Path, help="directory with the zero-shot data (default: <data dir>/zeroshot)")
-    p.add_argument("--generate", action="store_true", help="greedy generations from fixed prompts")
+    add_options(p, EvalSettings)
     _add_engine(p)  # gguf / onnx: perplexity and generations of the exported artifact itself
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", help="write the results as JSON (and a markdown table beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
@@ -441,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("format", choices=["onnx", "gguf"])
     _add_model(p)
     p.add_argument("--out", required=True, help="ONNX: output directory; GGUF: output .gguf file")
-    p.add_argument("--precision", help="ONNX: fp32 (default) | fp16 | int8 | int4")
-    p.add_argument("--quant", help="GGUF: f16 (default) | f32 | bf16 | q8_0 | q4_0 | q4_1 | q4_k_m | q5_k_m")
+    p.add_argument("--precision", help=f"ONNX: {' | '.join(ONNX_PRECISIONS)} (default: {DEFAULT_PRECISION})")
+    p.add_argument("--quant", help=f"GGUF: {' | '.join(GGUF_QUANTS)} (default: {DEFAULT_QUANT})")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_export)

@@ -15,54 +15,21 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from export.formats import GGUF_QUANTS, ONNX_PRECISIONS, ExportSettings
+from pipeline.evaluate import EvalSettings
+from pipeline.options import Section, section_model
+from pipeline.prune import PruneSettings
 from runtime.errors import SaapError
 
-ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
-GGUF_QUANTS = ("f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m")
-
-
-class Section(BaseModel):
-    """A config section; its fields are the flags of one ``saap`` verb unless listed in ``NOT_FLAGS``."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    NOT_FLAGS: ClassVar[frozenset[str]] = frozenset()
-    COMMA_LISTS: ClassVar[bool] = False  # saap bench takes lists as one comma-separated value
-
-    def flags(self) -> list[str]:
-        """The section as command-line flags (None and False are left out; True is a bare flag)."""
-        args: list[str] = []
-        for name, value in self.model_dump().items():
-            if name in self.NOT_FLAGS or value is None or value is False or value == []:
-                continue
-            flag = "--" + name.replace("_", "-")
-            if value is True:
-                args.append(flag)
-            elif isinstance(value, list):
-                args += [flag, ",".join(map(str, value))] if self.COMMA_LISTS else [flag, *map(str, value)]
-            else:
-                args += [flag, str(value)]
-        return args
-
-
-class PruneConfig(Section):
-    """``saap prune``: the method and the budget (one of ratio, target_params, target_decode_bytes)."""
-
-    method: str = "saap"  # saap | llm-pruner | flap | wanda-sp | shortgpt | magnitude | random
-    ratio: float | None = None
-    target_params: int | None = None
-    target_decode_bytes: int | None = None
-    align: int = 32
-    importance: str | None = None
-    ablation: str = "fused"
-    search: str = "uniform"
-    fluctuation_weight: float = 1.0
-    calibration: str | None = None  # default: the shared calibration text
-    num_samples: int = 32
-    seq_len: int = 128
-    batch_size: int = 1
-    seed: int = 0
-    no_bias_compensation: bool = False  # flap: keep o_proj/down_proj without the compensating bias
-    device_map: Literal["auto"] | None = None  # spread importance estimation over all GPUs (accelerate)
+# The run's own choices where they differ from the verb's (``saap eval`` scores only what it is asked).
+PruneConfig = section_model(PruneSettings, "PruneConfig")
+EvalConfig = section_model(
+    EvalSettings,
+    "EvalConfig",
+    defaults={"ppl": ["wikitext2", "ptb"], "generate": True},
+    extra={"dense": (bool, True)},  # also score the dense model, for the report's comparison
+)
+ExportConfig = section_model(ExportSettings, "ExportConfig")
 
 
 class FinetuneConfig(Section):
@@ -93,27 +60,6 @@ class FinetuneConfig(Section):
     seed: int = 0
 
 
-class EvalConfig(Section):
-    """``saap eval`` of the final model and, with ``dense``, of the model it came from."""
-
-    NOT_FLAGS: ClassVar[frozenset[str]] = frozenset({"dense"})
-    dense: bool = True
-    ppl: list[str] = Field(default_factory=lambda: ["wikitext2", "ptb"])
-    seq_len: str = "128"
-    ppl_windows: int | None = None
-    tasks: list[str] = Field(default_factory=list)
-    limit: int | None = None
-    generate: bool = True
-    batch_size: int = 8
-
-
-class ExportConfig(Section):
-    """``saap export``: one ONNX directory per precision and one GGUF file per quantization."""
-
-    onnx: list[Literal[ONNX_PRECISIONS]] = Field(default_factory=lambda: ["fp32", "int8"])
-    gguf: list[Literal[GGUF_QUANTS]] = Field(default_factory=lambda: ["f16", "q8_0"])
-
-
 class BenchConfig(Section):
     """``saap bench`` of the dense model against the final one (interleaved, the same tokens).
 
@@ -121,7 +67,6 @@ class BenchConfig(Section):
     """
 
     NOT_FLAGS: ClassVar[frozenset[str]] = frozenset({"enabled"})
-    COMMA_LISTS: ClassVar[bool] = True
     enabled: bool = True
     target: str | None = None  # benchmarks/targets/<target>.yaml: engines, devices, threads, quantizations
     engines: list[Literal["torch", "onnx", "gguf"]] = Field(default_factory=lambda: ["torch", "onnx", "gguf"])
@@ -198,7 +143,7 @@ def check_semantics(config: RunConfig, name: str) -> None:
     seconds instead of after the first stage.
     """
     from pipeline.data import PERPLEXITY_SETS, resolve_data_file
-    from pipeline.prune import PruneSettings, budget_plan
+    from pipeline.prune import budget_plan
     from pipeline.zeroshot import TASKS
     from runtime.models import load_model_config
     from runtime.surgery import config_parameter_count, layer_shapes
@@ -212,8 +157,7 @@ def check_semantics(config: RunConfig, name: str) -> None:
         "prune.ratio",
     )
     try:
-        fields = prune.model_dump(exclude={"calibration", "no_bias_compensation"})
-        settings = PruneSettings(**fields, bias_compensation=not prune.no_bias_compensation)
+        settings = PruneSettings(**prune.model_dump())
     except SaapError as e:  # its messages name CLI flags: --num-samples is prune.num_samples here
         flag = re.search(r"--([a-z-]+)", str(e))
         key = f"prune.{flag.group(1).replace('-', '_')}" if flag else "prune.method"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,7 +14,22 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data import PERPLEXITY_SETS, perplexity_text, resolve_data_file
+from pipeline.options import option
 from runtime.errors import SaapError
+
+
+@dataclass
+class EvalSettings:
+    """What ``saap eval`` scores (its flags and the run config's ``eval:`` section come from these)."""
+
+    ppl: list[str] = option(help="perplexity sets: wikitext2, ptb, or text files", factory=list)
+    seq_len: str = option("128", "perplexity window in tokens (LLM-Pruner: 128), or 'max'")
+    ppl_windows: int | None = option(None, "evaluate only the first N perplexity windows")
+    tasks: list[str] = option(help="zero-shot tasks (lm-eval), or 'all' for the 7-task suite", factory=list)
+    limit: int | None = option(None, "first N documents of every zero-shot task")
+    data_dir: Path | None = option(None, "directory with the zero-shot data (default: <data dir>/zeroshot)")
+    generate: bool = option(False, "greedy generations from fixed prompts")
+    batch_size: int = option(8, "sequences per forward pass")
 
 
 def perplexity(

@@ -26,6 +26,8 @@ from torch import nn
 
 from pipeline.data import DEFAULT_CALIBRATION, calibration_batches, resolve_data_file
 from pipeline.importance import ESTIMATORS, GroupScores, make_estimator, score_groups
+from pipeline.options import option
+from pipeline.saap import ABLATIONS, SEARCHES
 from runtime.checkpoint import sha256_file
 from runtime.errors import SaapError
 from runtime.models import LoadedModel
@@ -57,26 +59,31 @@ DTYPE_BYTES = 4  # checkpoints are float32: 4 bytes per weight read
 
 @dataclass
 class PruneSettings:
-    method: str = "llm-pruner"
-    ratio: float | None = None  # fraction of all parameters to remove; default 0.2 if no target is given
-    target_params: int | None = None  # or: parameters to keep
-    target_decode_bytes: int | None = None  # or: float32 weight bytes read per generated token
-    align: int = 32
-    importance: str | None = None  # None: the method's own estimator
-    calibration: str = DEFAULT_CALIBRATION
-    num_samples: int = 32
-    seq_len: int = 128
-    batch_size: int = 1  # gradients accumulate across batches; 1 keeps peak memory lowest (and SAAP per-sample)
-    seed: int = 0
-    ablation: str = "fused"  # saap: fused | sum | vector | element
-    search: str = "uniform"  # saap: uniform (default, measured better) | adaptive (see pipeline/saap.py)
-    fluctuation_weight: float = 1.0  # saap: lambda in priority x (1 + lambda * CV)
-    bias_compensation: bool = True  # flap: fold removed channels' mean output into o_proj/down_proj biases
-    device_map: str | None = None  # "auto": dispatch over the available devices for estimation
+    """How ``saap prune`` prunes: the method, one budget, and the calibration pass (``saap prune``'s
+    flags and the run config's ``prune:`` section are derived from these fields)."""
+
+    method: str = option("saap", "pruning method", choices=sorted(METHODS))
+    ratio: float | None = option(None, "fraction of all parameters to remove, in (0, 0.9] (default 0.2)")
+    target_params: int | None = option(None, "budget as parameters to keep (instead of --ratio)")
+    target_decode_bytes: int | None = option(None, "budget as float32 weight bytes read per generated token")
+    align: int = option(32, "kept MLP widths and q-head widths are multiples of this")
+    importance: str | None = option(None, "llm-pruner: override its importance estimator", choices=sorted(ESTIMATORS))
+    calibration: str = option(DEFAULT_CALIBRATION, "text/jsonl/json calibration file")
+    num_samples: int = option(32, "calibration sequences")
+    seq_len: int = option(128, "tokens per calibration sequence")
+    # Gradients accumulate across batches; 1 keeps peak memory lowest (and SAAP's statistics per sample).
+    batch_size: int = option(1, "calibration sequences per backward pass (memory)")
+    seed: int = option(0, "random seed (random importance, calibration sample order)")
+    ablation: str = option("fused", "saap importance", choices=ABLATIONS)
+    # uniform is the default because it measured better than adaptive (pipeline/saap.py).
+    search: str = option("uniform", "saap structure search", choices=SEARCHES)
+    fluctuation_weight: float = option(1.0, "saap: lambda in priority x (1 + lambda x CV)")
+    bias_compensation: bool = option(True, "flap: fold the removed channels' mean output into o_proj/down_proj biases")
+    device_map: str | None = option(
+        None, "spread the model over all devices for estimation (accelerate)", choices=DEVICE_MAPS
+    )
 
     def __post_init__(self):
-        from pipeline.saap import ABLATIONS, SEARCHES
-
         if self.method not in METHODS:
             raise SaapError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
         budgets = [b for b in (self.ratio, self.target_params, self.target_decode_bytes) if b is not None]

@@ -23,7 +23,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from runtime.errors import SaapError
+from runtime.io import swap_in
 
 STAGES = ("load", "prune", "finetune", "eval", "export-onnx", "export-gguf", "bench", "report")
 STAGE_FILE = "stage.json"
@@ -342,7 +342,20 @@ def _export_gguf_run(ctx: Context, out: Path) -> list[dict]:
 
 
 def _bench_inputs(ctx: Context) -> dict[str, dict[str, str]]:
-    return {"dense": ctx.upstream("load", "source.json"), "model": ctx.upstream(ctx.final_stage, "model")}
+    inputs = {"dense": ctx.upstream("load", "source.json"), "model": ctx.upstream(ctx.final_stage, "model")}
+    return inputs | {f"{stage}/{relative}": ctx.upstream(stage, relative) for stage, relative in _bench_exports(ctx)}
+
+
+def _bench_exports(ctx: Context) -> list[tuple[str, str]]:
+    """The export stages' outputs the bench measures as they are, rather than exporting the model again:
+    (stage, path in it), for the engines it runs. A stage that is off has no record and gives none."""
+    engines = _bench_section(ctx).engines
+    exports = []
+    if "onnx" in engines and "export-onnx" in ctx.records:
+        exports += [("export-onnx", p) for p in ctx.config.export.onnx]
+    if "gguf" in engines and "export-gguf" in ctx.records:
+        exports += [("export-gguf", f"model-{q}.gguf") for q in ctx.config.export.gguf]
+    return exports
 
 
 def _bench_section(ctx: Context):
@@ -365,9 +378,16 @@ def _bench_settings(ctx: Context) -> dict[str, Any]:
 
 
 def _bench_run(ctx: Context, out: Path) -> list[dict]:
-    models = [ctx.config.model, ctx.final_model]
-    args = ["bench", "--models", *models, *_bench_section(ctx).flags(), "--out", out / "bench.json"]
-    return [_command(args, partial="bench.json")]
+    # The final model is labelled by the run's name in the tables (its directory is always "model"),
+    # unless that is the dense model's own label; "=" would split the label.
+    name = (ctx.config.name or "pruned").replace("=", "-")
+    dense = ctx.config.model
+    label = f"{name}-pruned" if name in (dense, Path(dense).name) else name
+    args = ["bench", "--models", dense, f"{label}={ctx.final_model}", *_bench_section(ctx).flags()]
+    exports = [ctx.output(stage, relative) for stage, relative in _bench_exports(ctx)]
+    if exports:
+        args += ["--exports", *exports]
+    return [_command([*args, "--out", out / "bench.json"], partial="bench.json")]
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -513,14 +533,7 @@ def _execute(stage: Stage, ctx: Context, key: str, inputs: dict, settings: dict,
     if errors:
         record["errors"] = errors
     (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    # Swap in: the old output moves aside first, so a crash between the renames loses nothing valid.
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{stage.name}.tmp-old-", dir=ctx.run_dir))
-        os.replace(final, old / "stage")
-    os.replace(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, final)
     return record
 
 

@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +24,7 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from runtime.errors import SaapError
+from runtime.io import atomic_dir, atomic_file, write_json_atomic, write_text_atomic  # noqa: F401 (importers)
 from runtime.surgery import has_output_bias, head_dim, layer_shapes, reshape_empty_layer
 
 METADATA_FILE = "saap.json"
@@ -47,34 +44,6 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
 
 
-@contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
-    """Yield a temporary directory that replaces ``out_dir`` only if the block completes."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise SaapError(f"output '{out_dir}' already exists (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other dir
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_checkpoint(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -83,7 +52,7 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write ``model`` and ``tokenizer`` as a saap checkpoint; returns the saap.json written."""
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         model.config.architectures = ["LlamaForCausalLM"]
         model.config.save_pretrained(tmp)
         if model.generation_config is not None:
@@ -161,24 +130,3 @@ def load_checkpoint(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, metadata
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write through a temporary file renamed into place (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; results should read like any file
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

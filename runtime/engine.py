@@ -13,6 +13,7 @@ Device and thread settings come from ``EngineSettings`` for every engine.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ import numpy as np
 
 from runtime.errors import SaapError
 
-ENGINES = ("torch", "onnx", "gguf")
+# name -> "module:class", imported on first use: the ONNX and llama.cpp engines import this module
+# for ``Engine`` (so importing them here would be a cycle), and nobody should pay for onnxruntime or
+# llama_cpp to run torch. A new runtime is one line here.
+ENGINES = {
+    "torch": "runtime.engine:TorchEngine",
+    "onnx": "runtime.onnx_engine:OnnxEngine",
+    "gguf": "runtime.gguf_engine:GgufEngine",
+}
 
 
 @dataclass
@@ -146,14 +154,5 @@ def load_engine(kind: str, model: str, settings: EngineSettings | None = None) -
     settings = settings or EngineSettings()
     if kind not in ENGINES:
         raise SaapError(f"unknown engine '{kind}' (choose from {', '.join(ENGINES)})")
-    if kind == "torch":
-        return TorchEngine(model, settings)
-    if kind == "onnx":
-        from runtime.onnx_engine import OnnxEngine
-
-        return OnnxEngine(model, settings)
-    if kind == "gguf":
-        from runtime.gguf_engine import GgufEngine
-
-        return GgufEngine(model, settings)
-    raise AssertionError(kind)
+    module, cls = ENGINES[kind].split(":")
+    return getattr(importlib.import_module(module), cls)(model, settings)

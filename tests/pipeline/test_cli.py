@@ -27,7 +27,7 @@ def test_prune_generate_eval_on_a_tiny_checkpoint(capsys, hf_dir, text_file, tmp
     code, stdout, err = run(capsys, "prune", *prune_args, "--num-samples", "4", "--seq-len", "16", "--out", str(out))
     assert code == 0, err
     meta = json.loads((out / "saap.json").read_text())
-    assert meta["method"] == "llm-pruner" and abs(meta["ratio_achieved"] - 0.2) <= 0.01
+    assert meta["method"] == "saap" and abs(meta["ratio_achieved"] - 0.2) <= 0.01
     assert meta["calibration"]["path"] == str(text_file) and len(meta["source"]["sha256"]) == 64
     assert meta["params_after"] < meta["params_before"] and len(meta["layers"]) == 4
     assert "model.safetensors" in meta["files"]

@@ -53,7 +53,7 @@ def test_prune_end_to_end_on_a_tiny_model(tokenizer, text_file, importance):
     model = wide_model(8, 4)
     loaded = LoadedModel(model, tokenizer, {"name": "tiny", "sha256": "0" * 64})
     settings = PruneSettings(
-        ratio=0.2, importance=importance, calibration=str(text_file), num_samples=4, seq_len=16, align=8
+        method="llm-pruner", ratio=0.2, importance=importance, calibration=str(text_file), num_samples=4, seq_len=16, align=8
     )
     record = prune(loaded, settings, progress=False)
     assert abs(record["ratio_achieved"] - 0.2) <= 0.01
@@ -71,7 +71,7 @@ def test_prune_end_to_end_on_a_tiny_model(tokenizer, text_file, importance):
         ({"ratio": 0.95}, "ratio"),
         ({"ratio": -0.1}, "ratio"),
         ({"method": "obs"}, "unknown method"),
-        ({"importance": "hessian"}, "unknown importance"),
+        ({"method": "llm-pruner", "importance": "hessian"}, "unknown importance"),
         ({"align": 0}, "align"),
     ],
 )

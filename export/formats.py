@@ -1,0 +1,20 @@
+"""The export formats and their types, defined once for ``saap export``, the run config and the bench."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.options import option
+
+ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+GGUF_QUANTS = ("f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m")
+DEFAULT_PRECISION = "fp32"  # saap export onnx
+DEFAULT_QUANT = "f16"  # saap export gguf: the default of llama.cpp's own convert_hf_to_gguf.py
+
+
+@dataclass
+class ExportSettings:
+    """The run's export stages: one ONNX directory per precision, one GGUF file per quantization."""
+
+    onnx: list[str] = option(help="ONNX precisions", factory=lambda: ["fp32", "int8"], choices=ONNX_PRECISIONS)
+    gguf: list[str] = option(help="GGUF quantizations", factory=lambda: ["f16", "q8_0"], choices=GGUF_QUANTS)
