@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from export.formats import DEFAULT_PRECISION, ONNX_PRECISIONS
-from runtime.checkpoint import atomic_output_dir, sha256_file, write_json_atomic
+from runtime.checkpoint import sha256_file
 from runtime.errors import SaapError
+from runtime.io import atomic_dir, write_json_atomic
 from runtime.onnx_engine import MODEL_FILE, RECORD_FILE, OnnxSession
 from runtime.surgery import head_dim, layer_shapes
 
@@ -609,7 +610,7 @@ def export_onnx(
     torch_model, tokenizer = loaded.model, loaded.tokenizer
     timings: dict[str, float] = {}
 
-    with atomic_output_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp) as stage_dir:
+    with atomic_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp) as stage_dir:
         stage = Path(stage_dir) / MODEL_FILE
         _log(progress, f"tracing the fp32 graph (optimum-onnx, opset {OPSET})")
         t = time.perf_counter()

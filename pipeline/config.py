@@ -28,6 +28,7 @@ EvalConfig = section_model(
     "EvalConfig",
     defaults={"ppl": ["wikitext2", "ptb"], "generate": True},
     extra={"dense": (bool, True)},  # also score the dense model, for the report's comparison
+    not_flags=("dense",),
 )
 ExportConfig = section_model(ExportSettings, "ExportConfig")
 

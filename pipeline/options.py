@@ -213,8 +213,9 @@ def section_model(
     """A pydantic section with one key per field of ``cls`` (its type, default and choices).
 
     ``defaults`` are the run's own choices where they differ from the verb's (the run scores
-    perplexity by default, ``saap eval`` only what it is asked for); ``extra`` adds run-only keys
-    (``enabled``), which are never passed as flags, nor are ``not_flags``.
+    perplexity by default, ``saap eval`` only what it is asked for); ``extra`` adds keys that are
+    not settings fields (the verb's ``--data``, the run's ``enabled``); ``not_flags`` are the run's
+    own keys, never passed to the verb.
     """
     skip, defaults, extra = set(exclude), defaults or {}, extra or {}
     fields: dict[str, Any] = {}
@@ -228,7 +229,7 @@ def section_model(
     for key, (hint, value) in extra.items():
         fields[key] = (hint, _pydantic_default(value))
     model = create_model(name, __base__=Section, __doc__=doc or cls.__doc__, **fields)
-    model.NOT_FLAGS = frozenset(extra) | frozenset(not_flags)
+    model.NOT_FLAGS = frozenset(not_flags)
     model.FLAG_DEFAULTS = verb_defaults
     return model
 

@@ -191,38 +191,39 @@ def run_commands(data: dict) -> list[tuple[str, str]]:
 
 
 def build_markdown(data: dict, config: RunConfig, charts: dict[str, str]) -> str:
-    source, pruned = data["source"], data["pruned"]
     lines = [f"# saap run `{config.name}`", ""]
     lines += [f"Model `{config.model}` → `{data['final_model']}`.", ""]
+    for section in SECTIONS:
+        lines += section(data, charts)
+    return "\n".join(lines)
+
+
+def _size_section(data: dict, charts: dict[str, str]) -> list[str]:
+    source, pruned = data["source"], data["pruned"]
     params_after = pruned.get("params_after")
     summary = [
         ["parameters", f"{source.get('params', 0):,}", f"{params_after:,}" if params_after else "–"],
         ["removed", "", f"{pruned.get('ratio_achieved', 0):.1%} ({pruned.get('method', '?')})"],
     ]
     if pruned.get("decode_bytes_after"):
-        summary.append(
-            [
-                "weight bytes read per token (fp32)",
-                _mib(pruned["decode_bytes_before"]),
-                _mib(pruned["decode_bytes_after"]),
-            ]
-        )
-    lines += ["## Size", ""] + _table(["", "dense", "pruned"], summary)
-    if data["finetuned"]:
-        ft = data["finetuned"]
+        before, after = _mib(pruned["decode_bytes_before"]), _mib(pruned["decode_bytes_after"])
+        summary.append(["weight bytes read per token (fp32)", before, after])
+    lines = ["## Size", ""] + _table(["", "dense", "pruned"], summary)
+    ft = data["finetuned"]
+    if ft:
         teacher = ft.get("teacher")
         how = f"distilled from `{teacher['source'].get('name')}`" if teacher and teacher.get("source") else "fine-tuned"
         data_files = ", ".join(f"`{Path(f['path']).name}`" for f in (ft.get("data") or {}).get("files", []))
-        lines += [
-            f"Recovered: {how}, training `{ft.get('settings', {}).get('method', '?')}` for "
-            f"{ft.get('steps', ft.get('settings', {}).get('max_steps', '?'))} steps"
-            + (f" on {data_files}" if data_files else "")
-            + ".",
-            "",
-        ]
-    if "layers" in charts:
-        lines += ["## Layers", "", f"![heads and MLP width per layer]({charts['layers']})", ""]
-    layer_rows = [
+        steps = ft.get("steps", ft.get("settings", {}).get("max_steps", "?"))
+        on = f" on {data_files}" if data_files else ""
+        method = ft.get("settings", {}).get("method", "?")
+        lines += [f"Recovered: {how}, training `{method}` for {steps} steps{on}.", ""]
+    return lines
+
+
+def _layers_section(data: dict, charts: dict[str, str]) -> list[str]:
+    lines = ["## Layers", "", f"![heads and MLP width per layer]({charts['layers']})", ""] if "layers" in charts else []
+    rows = [
         [
             layer["index"],
             f"{layer['before']['num_attention_heads']}/{layer['before']['num_key_value_heads']}",
@@ -232,78 +233,116 @@ def build_markdown(data: dict, config: RunConfig, charts: dict[str, str]) -> str
             f"{layer['params_before']:,}",
             f"{layer['params_after']:,}",
         ]
-        for layer in pruned.get("layers", [])
+        for layer in data["pruned"].get("layers", [])
     ]
-    if layer_rows:
-        lines += _table(
-            ["layer", "heads q/kv before", "after", "MLP before", "after", "params before", "after"], layer_rows
-        )
+    header = ["layer", "heads q/kv before", "after", "MLP before", "after", "params before", "after"]
+    return lines + (_table(header, rows) if rows else [])
+
+
+def _quality_columns(data: dict) -> list[tuple[str, dict | None]]:
     columns = [("dense", data["dense_eval"])]
-    if data["finetuned"] is not None:  # before and after recovery
-        distilled = ", distilled" if data["finetuned"].get("teacher") else ""
-        recovered = f"recovered ({data['finetuned'].get('method')}{distilled})"
-        columns += [("pruned", data["pruned_eval"]), (recovered, data["model_eval"])]
-    else:
-        columns += [("pruned", data["model_eval"])]
+    if data["finetuned"] is None:
+        return columns + [("pruned", data["model_eval"])]
+    distilled = ", distilled" if data["finetuned"].get("teacher") else ""
+    recovered = f"recovered ({data['finetuned'].get('method')}{distilled})"
+    return columns + [("pruned", data["pruned_eval"]), (recovered, data["model_eval"])]
+
+
+def _quality_section(data: dict, charts: dict[str, str]) -> list[str]:
+    columns = _quality_columns(data)
     quality = quality_rows([c for _, c in columns])
-    if quality:
-        lines += ["## Quality", ""] + _table(["metric", *(name for name, _ in columns)], quality)
+    if not quality:
+        return []
+    lines = ["## Quality", ""] + _table(["metric", *(name for name, _ in columns)], quality)
+    docs = {r.get("documents") for c in columns for r in ((c[1] or {}).get("zeroshot") or {}).get("tasks", {}).values()}
+    if docs - {None}:
+        counts = ", ".join(map(str, sorted(docs - {None})))
+        lines += [f"Accuracies ± their standard errors, from the first {counts} documents of each task.", ""]
+    return lines
+
+
+def _generations_section(data: dict, charts: dict[str, str]) -> list[str]:
     generations = (data["model_eval"] or {}).get("generations") or []
-    if generations:
-        dense_generations = {g["prompt"]: g["completion"] for g in (data["dense_eval"] or {}).get("generations") or []}
-        rows = [
-            [g["prompt"], _cell(dense_generations.get(g["prompt"], "–")), _cell(g["completion"])] for g in generations
-        ]
-        lines += ["## Generations (greedy)", ""] + _table(["prompt", "dense", columns[-1][0]], rows)
-    throughput = throughput_rows(data["bench"])
-    if throughput:
-        rows = [
-            [
-                r["model"],
-                r["setup"],
-                r["prompt_tokens"],
-                _fmt(r["prefill"], 1),
-                "**FAILED** (below)" if r.get("failed") else _fmt(r["decode"], 1),
-                _fmt(r["ttft_ms"], 0),
-                _mib(r["artifact_bytes"]) if r["artifact_bytes"] else "–",
-            ]
-            for r in throughput
-        ]
-        lines += ["## Throughput", ""]
-        header = ["model", "engine", "prompt tokens", "prefill tok/s", "decode tok/s", "TTFT ms", "file"]
-        lines += _table(header, rows)
-        failed = [r for r in throughput if r.get("failed")]
-        if failed:  # the whole reason (signal, rebuild command) once per run, not squeezed into a cell
-            lines += [f"**{r['model']} {r['setup']} failed:** {_cell(r['failed'])}" for r in failed] + [""]
-        speedups = speedup_rows(data["bench"])
-        if speedups:
-            lines += [
-                "Decode speed-up over the dense model, measured interleaved in one run, against the ideal",
-                "from weight bytes read per token:",
-                "",
-            ]
-            lines += _table(["model", "engine", "measured", "ideal", "efficiency"], speedups)
-        if "throughput" in charts:
-            lines += [f"![decode tokens/s]({charts['throughput']})", ""]
-    if data["artifacts"]:
-        rows = [[f"`{a['path']}`", _mib(a["bytes"])] for a in data["artifacts"]]
-        lines += ["## Artifacts", ""] + _table(["artifact", "size"], rows)
-        lines += ["## Running the artifacts", "", "```bash"]
-        lines += [f"# {where}\n{command}" for where, command in run_commands(data)]
-        lines += ["```", ""]
-    stage_rows = [
+    if not generations:
+        return []
+    dense = {g["prompt"]: g["completion"] for g in (data["dense_eval"] or {}).get("generations") or []}
+    rows = [[g["prompt"], _cell(dense.get(g["prompt"], "–")), _cell(g["completion"])] for g in generations]
+    return ["## Generations (greedy)", ""] + _table(["prompt", "dense", _quality_columns(data)[-1][0]], rows)
+
+
+def _throughput_table(throughput: list[dict]) -> list[str]:
+    rows = [
         [
-            name,
-            _fmt(r.get("wall_s"), 1),
-            r.get("peak_rss_mb"),
-            "<br>".join(
-                _cell(" ".join(c["args"]) if isinstance(c["args"], list) else c["args"]) for c in r.get("commands", [])
-            ),
+            r["model"],
+            r["setup"],
+            r["prompt_tokens"],
+            _fmt(r["prefill"], 1),
+            "**FAILED** (below)" if r.get("failed") else _fmt(r["decode"], 1),
+            _fmt(r["ttft_ms"], 0),
+            _mib(r["artifact_bytes"]) if r["artifact_bytes"] else "–",
         ]
-        for name, r in data["stages"].items()
+        for r in throughput
     ]
-    lines += ["## Stages", ""] + _table(["stage", "wall s", "peak RSS MB", "commands (saap …)"], stage_rows)
-    return "\n".join(lines)
+    header = ["model", "engine", "prompt tokens", "prefill tok/s", "decode tok/s", "TTFT ms", "file"]
+    lines = _table(header, rows)
+    # The whole reason (signal, rebuild command) once per run, not squeezed into a cell.
+    lines += [f"**{r['model']} {r['setup']} failed:** {_cell(r['failed'])}" for r in throughput if r.get("failed")]
+    return lines + ([""] if lines[-1] else [])
+
+
+def _throughput_section(data: dict, charts: dict[str, str]) -> list[str]:
+    throughput = throughput_rows(data["bench"])
+    if not throughput:
+        return []
+    lines = ["## Throughput", ""] + _throughput_table(throughput) + bench_warnings(data["bench"])
+    speedups = speedup_rows(data["bench"])
+    if speedups:
+        lines += [
+            "Decode speed-up over the dense model, measured interleaved in one run, against the ideal",
+            "from weight bytes read per token:",
+            "",
+        ]
+        lines += _table(["model", "engine", "measured", "ideal", "efficiency"], speedups)
+    if "throughput" in charts:
+        lines += [f"![decode tokens/s]({charts['throughput']})", ""]
+    return lines
+
+
+def _artifacts_section(data: dict, charts: dict[str, str]) -> list[str]:
+    if not data["artifacts"]:
+        return []
+    rows = [[f"`{a['path']}`", _mib(a["bytes"])] for a in data["artifacts"]]
+    lines = ["## Artifacts", ""] + _table(["artifact", "size"], rows)
+    lines += ["## Running the artifacts", "", "```bash"]
+    lines += [f"# {where}\n{command}" for where, command in run_commands(data)]
+    return lines + ["```", ""]
+
+
+def _stages_section(data: dict, charts: dict[str, str]) -> list[str]:
+    def commands(record: dict) -> str:
+        return "<br>".join(
+            _cell(" ".join(c["args"]) if isinstance(c["args"], list) else c["args"]) for c in record.get("commands", [])
+        )
+
+    rows = [[name, _fmt(r.get("wall_s"), 1), r.get("peak_rss_mb"), commands(r)] for name, r in data["stages"].items()]
+    return ["## Stages", ""] + _table(["stage", "wall s", "peak RSS MB", "commands (saap …)"], rows)
+
+
+SECTIONS = [
+    _size_section,
+    _layers_section,
+    _quality_section,
+    _generations_section,
+    _throughput_section,
+    _artifacts_section,
+    _stages_section,
+]
+
+
+def bench_warnings(bench: dict | None) -> list[str]:
+    """The bench's own warnings (a loaded machine, repeats that spread): those numbers are not to be trusted."""
+    warnings = [w for r in (bench or {}).get("results", []) for w in r.get("warnings") or []]
+    return [f"**Warning:** {_cell(w)}" for w in dict.fromkeys(warnings)] + ([""] if warnings else [])
 
 
 def _cell(text: str) -> str:
