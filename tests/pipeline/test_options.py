@@ -43,7 +43,9 @@ def test_flags_follow_the_fields():
 
 
 def test_a_section_has_the_fields_types_and_defaults():
-    Section = section_model(Toy, "ToySection", defaults={"count": 4}, extra={"enabled": (bool, False)}, not_flags=("enabled",))
+    Section = section_model(
+        Toy, "ToySection", defaults={"count": 4}, extra={"enabled": (bool, False)}, not_flags=("enabled",)
+    )
     section = Section(names=["c"], safe=False, enabled=True)
     assert section.count == 4 and "hidden" not in Section.model_fields
     # enabled is the run's own key; a verb default is not repeated; a True default turned off is --no-X

@@ -53,7 +53,13 @@ def test_prune_end_to_end_on_a_tiny_model(tokenizer, text_file, importance):
     model = wide_model(8, 4)
     loaded = LoadedModel(model, tokenizer, {"name": "tiny", "sha256": "0" * 64})
     settings = PruneSettings(
-        method="llm-pruner", ratio=0.2, importance=importance, calibration=str(text_file), num_samples=4, seq_len=16, align=8
+        method="llm-pruner",
+        ratio=0.2,
+        importance=importance,
+        calibration=str(text_file),
+        num_samples=4,
+        seq_len=16,
+        align=8,
     )
     record = prune(loaded, settings, progress=False)
     assert abs(record["ratio_achieved"] - 0.2) <= 0.01
