@@ -173,33 +173,9 @@ def _eval_on_engine(args: argparse.Namespace, tasks: list[str]) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from pipeline.finetune import DEFAULT_MAX_STEPS, FinetuneSettings, finetune
+    from pipeline.finetune import FinetuneSettings, finetune
 
-    # --max-steps wins over --epochs (as in the HF Trainer); neither given: the default step budget.
-    max_steps = args.max_steps if args.max_steps is not None or args.epochs is not None else DEFAULT_MAX_STEPS
-    settings = FinetuneSettings(
-        method=args.method,
-        bits=args.bits,
-        group_size=args.group_size,
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        max_steps=max_steps,
-        epochs=args.epochs if args.epochs is not None else 1.0,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        seq_len=args.seq_len,
-        val_size=args.val_size,
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        eval_steps=args.eval_steps,
-        keep=args.keep,
-        seed=args.seed,
-        teacher=args.teacher,
-        temperature=args.temperature,
-        kl_weight=args.kl_weight,
-    )
+    settings = from_args(FinetuneSettings, args)
     record = finetune(args.model, args.data, args.out, settings, progress=not args.quiet, overwrite=args.overwrite)
     if not record:
         return  # a non-main process of a data-parallel run
@@ -318,6 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.evaluate import EvalSettings
+    from pipeline.finetune import FinetuneSettings
     from pipeline.prune import PruneSettings
 
     parser = _Parser(prog="saap", description="Prune LLaMA-family models and deploy them to edge runtimes.")
@@ -355,39 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, nargs="+", help="Alpaca-format .json/.jsonl (instruction, input, output), or plain "
         "text (.txt, .jsonl of {\"text\": ...}); several files of one kind are joined",
     )  # fmt: skip
-    p.add_argument(
-        "--method", help="group-lora (SAAP) | lora (peft) | full (all kept weights); default: full with --teacher, "
-        "else group-lora",
-    )  # fmt: skip
-    p.add_argument(
-        "--teacher", help="distil from this model instead of training on the LM loss; 'parent': the dense model the "
-        "checkpoint was pruned from (its saap.json source)",
-    )  # fmt: skip
-    p.add_argument("--temperature", type=float, default=1.0, help="distillation: softmax temperature")
-    p.add_argument(
-        "--kl-weight", type=float, default=1.0, help="distillation: weight of the KL term (the LM loss gets 1 - it)"
-    )
-    p.add_argument("--bits", type=int, default=4, help="group-lora: bits of the frozen base, 4 | 8")
-    p.add_argument("--group-size", type=int, default=32, help="group-lora: input columns per group, 32 | 64 | 128")
-    p.add_argument(
-        "--rank", type=int, help="adapter rank (default 16 for group-lora, 8 for lora: equal trainable params)"
-    )
-    p.add_argument("--alpha", type=float, help="adapter scale numerator (scale = alpha / rank; default 2 * rank)")
-    p.add_argument("--dropout", type=float, default=0.0, help="lora: adapter dropout")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default 200 unless --epochs is given)")
-    p.add_argument("--epochs", type=float, help="passes over the training split (when --max-steps is not given)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW, cosine schedule)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per device per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per example (longer ones are truncated)")
-    p.add_argument("--val-size", type=int, default=32, help="held-out examples for the validation loss")
-    p.add_argument("--save-steps", type=int, default=25, help="steps between resumable checkpoints")
-    p.add_argument("--logging-steps", type=int, default=10, help="steps between logged losses")
-    p.add_argument("--eval-steps", type=int, default=50, help="steps between held-out loss evaluations (0: none)")
-    p.add_argument(
-        "--keep", default="best", help="merge the adapter of the lowest held-out loss (best, default) or the last"
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_options(p, FinetuneSettings)
     p.add_argument("--out", required=True, help="output checkpoint directory (merged float model)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace --out; discard an interrupted run of other settings"

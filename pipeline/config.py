@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from export.formats import GGUF_QUANTS, ONNX_PRECISIONS, ExportSettings
 from pipeline.evaluate import EvalSettings
+from pipeline.finetune import FinetuneSettings
 from pipeline.options import Section, section_model
 from pipeline.prune import PruneSettings
 from runtime.errors import SaapError
@@ -30,35 +31,13 @@ EvalConfig = section_model(
     extra={"dense": (bool, True)},  # also score the dense model, for the report's comparison
     not_flags=("dense",),
 )
+FinetuneConfig = section_model(
+    FinetuneSettings,
+    "FinetuneConfig",
+    extra={"enabled": (bool, False), "data": (str | list[str], "finetune/alpaca_en_demo.json")},
+    not_flags=("enabled",),  # recovery is off unless the config turns it on
+)
 ExportConfig = section_model(ExportSettings, "ExportConfig")
-
-
-class FinetuneConfig(Section):
-    """``saap finetune``: off unless ``enabled``; the recovery stage between prune and eval."""
-
-    NOT_FLAGS: ClassVar[frozenset[str]] = frozenset({"enabled"})
-    enabled: bool = False
-    method: Literal["group-lora", "lora", "full"] | None = None  # default: saap finetune's (full when distilling)
-    data: str | list[str] = "finetune/alpaca_en_demo.json"
-    teacher: str | None = None  # "parent": distil from the dense model (saap finetune --teacher)
-    temperature: float = 1.0
-    kl_weight: float = 1.0
-    bits: Literal[4, 8] = 4
-    group_size: Literal[32, 64, 128] = 32
-    rank: int | None = None  # default: saap finetune's per method (16 group-lora, 8 lora)
-    alpha: float | None = None  # default 2 x rank
-    dropout: float = 0.0
-    max_steps: int | None = None  # default: saap finetune's own (or `epochs` passes)
-    epochs: float | None = None
-    lr: float = 3e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    val_size: int = 32
-    save_steps: int = 25
-    eval_steps: int = 50
-    keep: Literal["best", "last"] = "best"
-    seed: int = 0
 
 
 class BenchConfig(Section):

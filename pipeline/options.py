@@ -107,23 +107,18 @@ METAVARS = {int: "N", float: "X"}
 
 
 class _ListAction(argparse.Action):
-    """Several values, each of which may be comma-separated; converted and checked against the choices."""
+    """Several values, each of which may be comma-separated, converted to the element type."""
 
-    def __init__(self, *args: Any, element: type = str, allowed: tuple | None = None, **kwargs: Any):
-        self.element, self.allowed = element, allowed
+    def __init__(self, *args: Any, element: type = str, **kwargs: Any):
+        self.element = element
         super().__init__(*args, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
         items = [v.strip() for value in values for v in str(value).split(",") if v.strip()]
         try:
-            converted = [self.element(v) for v in items]
+            setattr(namespace, self.dest, [self.element(v) for v in items])
         except ValueError:
             parser.error(f"{option_string} takes {self.element.__name__} values, not '{' '.join(values)}'")
-        bad = [v for v in converted if self.allowed and v not in self.allowed]
-        if bad or not converted:
-            choices = f" (choose from {', '.join(map(str, self.allowed))})" if self.allowed else ""
-            parser.error(f"{option_string}: invalid value '{bad[0] if bad else ''}'{choices}")
-        setattr(namespace, self.dest, converted)
 
 
 def _help(opt: Option, default: Any) -> str:
@@ -146,16 +141,19 @@ def add_options(
             continue
         default = defaults.get(opt.name, opt.default)
         kwargs: dict[str, Any] = {"dest": opt.name, "default": default, "help": _help(opt, default)}
-        if opt.element in METAVARS and not opt.choices:
+        # Choices are shown, not enforced here: the settings class checks them with a message
+        # that names the flag, the same for the CLI, the run config and library callers.
+        if opt.choices:
+            kwargs["metavar"] = "{" + ",".join(map(str, opt.choices)) + "}"
+        elif opt.element in METAVARS:
             kwargs["metavar"] = METAVARS[opt.element]
         if opt.element is bool and not opt.is_list:
             flag = f"--no-{opt.flag[2:]}" if default else opt.flag
             parser.add_argument(flag, action="store_false" if default else "store_true", **kwargs)
         elif opt.is_list:
-            parser.add_argument(opt.flag, nargs="+", action=_ListAction, element=opt.element, allowed=opt.choices,
-                                **kwargs)  # fmt: skip
+            parser.add_argument(opt.flag, nargs="+", action=_ListAction, element=opt.element, **kwargs)
         else:
-            parser.add_argument(opt.flag, type=opt.element, choices=opt.choices, **kwargs)
+            parser.add_argument(opt.flag, type=opt.element, **kwargs)
 
 
 def from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:

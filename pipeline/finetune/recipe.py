@@ -38,7 +38,7 @@ def training_arguments(settings: FinetuneSettings, output_dir: Path, progress: b
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=settings.max_steps if settings.max_steps is not None else -1,
-        num_train_epochs=settings.epochs,
+        num_train_epochs=settings.epochs or 1.0,  # unused when max_steps is set
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.group_lora import BITS, GROUP_SIZES
+from pipeline.options import option
 from runtime.errors import SaapError
 
 METHODS = ("group-lora", "lora", "full")
@@ -24,56 +25,46 @@ DEFAULT_MAX_STEPS = 200
 
 @dataclass
 class FinetuneSettings:
-    """Every hyper-parameter of a fine-tuning run (all recorded in the output's saap.json).
+    """Every hyper-parameter of a fine-tuning run (all recorded in the output's saap.json; the
+    ``saap finetune`` flags and the run config's ``finetune:`` section are derived from these)."""
 
-    method: "group-lora" (SAAP), "lora" (peft baseline) or "full" (all kept weights); default
-        ``DEFAULT_METHODS``: full when distilling, group-lora otherwise.
-    teacher: None (language-model loss), "parent" (the dense model recorded in saap.json) or a
-        model spec: distil from it (``pipeline.distill``).
-    temperature, kl_weight: distillation's softmax temperature, and the KL term's weight (the LM
-        loss gets 1 - kl_weight).
-    bits, group_size: group-lora's base quantization (4|8 bits, groups of 32|64|128 input columns).
-    rank, alpha, dropout: adapter rank (default per method, ``DEFAULT_RANKS``), scaling numerator
-        (scale = alpha / rank; default 2 x rank), dropout (lora only).
-    max_steps: optimizer steps; None trains for ``epochs`` passes over the training split instead.
-    batch_size, grad_accum: sequences per device per micro-batch, micro-batches per optimizer step.
-    lr, warmup_ratio, weight_decay: AdamW with a cosine schedule after a linear warm-up.
-    seq_len: tokens per example (longer ones are truncated, and the run says so once).
-    val_size: examples held out for the validation loss (at most a tenth of the data).
-    save_steps: steps between resumable checkpoints in ``<out>.partial/``.
-    logging_steps: steps between logged training losses.
-    eval_steps: steps between held-out loss evaluations during training (and at the last step);
-        0 evaluates only before and after.
-    keep: which adapter is merged: "best" (the lowest held-out loss seen, as the Trainer's
-        ``load_best_model_at_end``) or "last". Without a held-out slice, "last".
-    seed: seeds the adapter init, the data split and order (two runs give identical weights).
-    """
-
-    method: str | None = None  # None: by objective, DEFAULT_METHODS
-    bits: int = 4
-    group_size: int = 32
-    rank: int | None = None
-    alpha: float | None = None
-    dropout: float = 0.0
-    max_steps: int | None = DEFAULT_MAX_STEPS
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    seq_len: int = 256
-    val_size: int = 32
-    save_steps: int = 25
-    logging_steps: int = 10
-    eval_steps: int = 50
-    keep: str = "best"
-    seed: int = 0
-    teacher: str | None = None
-    temperature: float = 1.0
-    kl_weight: float = 1.0
+    method: str | None = option(
+        None, "group-lora (SAAP) | lora (peft) | full (all kept weights); default: full with --teacher, else "
+        "group-lora", choices=METHODS,
+    )  # fmt: skip
+    teacher: str | None = option(
+        None, "distil from this model instead of training on the LM loss; 'parent': the dense model the checkpoint "
+        "was pruned from (its saap.json source)",
+    )  # fmt: skip
+    temperature: float = option(1.0, "distillation: softmax temperature")
+    kl_weight: float = option(1.0, "distillation: weight of the KL term (the LM loss gets 1 - it)")
+    bits: int = option(4, "group-lora: bits of the frozen base", choices=BITS)
+    group_size: int = option(32, "group-lora: input columns per group", choices=GROUP_SIZES)
+    rank: int | None = option(None, "adapter rank (default 16 for group-lora, 8 for lora: equal trainable params)")
+    alpha: float | None = option(None, "adapter scale numerator (scale = alpha / rank; default 2 x rank)")
+    dropout: float = option(0.0, "lora: adapter dropout")
+    # --max-steps wins over --epochs (as in the HF Trainer); neither given: DEFAULT_MAX_STEPS.
+    max_steps: int | None = option(None, f"optimizer steps (default {DEFAULT_MAX_STEPS} unless --epochs is given)")
+    epochs: float | None = option(None, "passes over the training split (when --max-steps is not given)")
+    lr: float = option(3e-4, "peak learning rate (AdamW, cosine schedule after a linear warm-up)")
+    warmup_ratio: float = option(0.03, "fraction of the steps spent warming the learning rate up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    batch_size: int = option(4, "sequences per device per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    seq_len: int = option(256, "tokens per example (longer ones are truncated, and the run says so once)")
+    val_size: int = option(32, "held-out examples for the validation loss (at most a tenth of the data)")
+    save_steps: int = option(25, "steps between resumable checkpoints in <out>.partial/")
+    logging_steps: int = option(10, "steps between logged training losses")
+    eval_steps: int = option(50, "steps between held-out loss evaluations, and at the last step (0: none)")
+    keep: str = option(
+        "best", "merge the adapter of the lowest held-out loss (as the Trainer's load_best_model_at_end) or the "
+        "last (always, without a held-out slice)", choices=KEEP,
+    )  # fmt: skip
+    seed: int = option(0, "seeds the adapter init, the data split and order (two runs give identical weights)")
 
     def __post_init__(self) -> None:
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
         if self.method is None:
             self.method = DEFAULT_METHODS["distill" if self.teacher else "lm"]
         if self.rank is None:
@@ -100,7 +91,7 @@ class FinetuneSettings:
                 raise SaapError(f"{flag} must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise SaapError("--max-steps must be at least 1")
-        if self.max_steps is None and not self.epochs > 0:
+        if self.max_steps is None and not (self.epochs or 0) > 0:
             raise SaapError("--epochs must be positive")
         if not self.lr > 0 or self.alpha <= 0:
             raise SaapError("--lr and --alpha must be positive")

@@ -17,6 +17,7 @@ class Toy:
     fast: bool = option(False, "go fast")
     safe: bool = option(True, "stay safe")
     hidden: int = option(7, "set by code only", cli=False, yaml=False)
+    sizes: list[int] = option(help="sizes", factory=list)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,8 +35,9 @@ def test_flags_follow_the_fields():
     assert parse(Toy, []) == Toy()
     toy = parse(Toy, ["--count", "5", "--names", "b,c", "a", "--scale", "0.5", "--fast", "--no-safe"])
     assert toy == Toy(count=5, names=["b", "c", "a"], scale=0.5, fast=True, safe=False)
-    with pytest.raises(ValueError, match="invalid value 'd'.*choose from a, b, c"):
-        parse(Toy, ["--names", "a,d"])
+    with pytest.raises(ValueError, match="--sizes takes int values"):
+        parse(Toy, ["--sizes", "1,x"])
+    assert parse(Toy, ["--sizes", "1,2", "3"]).sizes == [1, 2, 3]
     with pytest.raises(ValueError, match="--hidden"):
         parse(Toy, ["--hidden", "1"])
     with pytest.raises(ValueError, match="invalid int"):
