@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from export.formats import DEFAULT_PRECISION, ONNX_PRECISIONS
+from export.genai import write_genai_files
 from runtime.checkpoint import sha256_file
 from runtime.errors import SaapError
 from runtime.io import atomic_dir, write_json_atomic
@@ -652,6 +653,7 @@ def export_onnx(
         if torch_model.generation_config is not None:
             torch_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_genai_files(tmp, torch_model.config, torch_model.generation_config, MODEL_FILE)
 
         files = {
             p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()

@@ -2,7 +2,7 @@
 
 Built only from the stage directories of a run, so it can be rebuilt from any finished run:
 per-layer shapes before/after, quality against the dense model, generations, throughput, file sizes,
-and the commands that run each artifact in llama.cpp and ONNX Runtime.
+and the commands that run each artifact in llama.cpp, ONNX Runtime and onnxruntime-genai.
 """
 
 from __future__ import annotations
@@ -17,6 +17,16 @@ from typing import Any
 from pipeline.config import RunConfig
 
 PROMPT = "The capital of France is"
+# The export directory as it is, through onnxruntime-genai's own generation loop (no saap code).
+GENAI_COMMAND = """python - <<'EOF'
+import onnxruntime_genai as og
+model = og.Model("{path}"); tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model); params.set_search_options(max_length=64)  # greedy (genai_config.json)
+generator = og.Generator(model, params); generator.append_tokens(tokenizer.encode("{prompt}"))
+while not generator.is_done():
+    generator.generate_next_token()
+print(tokenizer.decode(generator.get_sequence(0)))
+EOF"""
 
 
 def _read_json(path: Path) -> dict | None:
@@ -186,6 +196,8 @@ def run_commands(data: dict) -> list[tuple[str, str]]:
                     'print([i.name for i in s.get_inputs()][:4])"  # inputs: see export/ONNX.md',
                 )
             )
+            if (path / "genai_config.json").is_file():
+                commands.append(("onnxruntime-genai", GENAI_COMMAND.format(path=path, prompt=PROMPT)))
             commands.append(("saap", f'saap generate --engine onnx --model {path} --prompt "{PROMPT}"'))
     return commands
 

@@ -387,3 +387,25 @@ def test_real_fp32_perplexity_within_1_percent_and_int4_agrees(real_exports):
     print(f"perplexity over 16 windows: torch {ppl['torch']:.4f}, onnx fp32 {ppl['onnx']:.4f}")
     assert abs(ppl["onnx"] / ppl["torch"] - 1) <= 0.01
     assert reports["int4"]["checks"]["agreement"]["top1_vs_fp32"] >= 0.95
+
+
+def test_onnxruntime_genai_runs_the_pruned_export_unchanged(exported, tokenizer):
+    """og.Model(export_dir), with no saap code in between, decodes the same greedy tokens as torch,
+    every layer with its own KV-head count; its tokenizer reads the exported one like transformers."""
+    og = pytest.importorskip("onnxruntime_genai")
+    ckpt, out, _, _ = exported
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    prompt = [5, 9, 17, 33, 2, 40, 7]
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    reference = load_engine("torch", str(ckpt), EngineSettings(threads=1))
+    assert tokens == reference.generate(prompt, len(tokens), stop_at_eos=False)
+    text = "The quick brown fox, 42 times."
+    assert list(og.Tokenizer(model).encode(text)) == tokenizer(text)["input_ids"]
