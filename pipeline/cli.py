@@ -12,6 +12,8 @@ from export.formats import DEFAULT_PRECISION, DEFAULT_QUANT, GGUF_QUANTS, ONNX_P
 from pipeline.options import add_options, from_args
 from runtime.errors import SaapError
 
+VERBOSE_ENV = "SAAP_VERBOSE"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit 2 (argparse would also print the usage)
@@ -387,13 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="also show what the stages' children print (else in log.txt)"
     )
     p.set_defaults(func=cmd_run)
+    for p in verbs.choices.values():  # every verb: library warnings and llama.cpp's C-level log on request
+        if "verbose" not in {a.dest for a in p._actions}:
+            p.add_argument("-v", "--verbose", action="store_true", help="also show library and llama.cpp logs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not os.environ.get("SAAP_VERBOSE"):
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read where native code logs, and inherited by a run's stages
+    if not os.environ.get(VERBOSE_ENV):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # the GGUF tokenizer's "legacy behaviour" notice is noise here

@@ -29,6 +29,7 @@ ENGINES = {
     "torch": "runtime.engine:TorchEngine",
     "onnx": "runtime.onnx_engine:OnnxEngine",
     "gguf": "runtime.gguf_engine:GgufEngine",
+    "onnx-genai": "runtime.genai_engine:GenaiEngine",  # optional: pip install 'saap[genai]'
 }
 
 
