@@ -12,7 +12,7 @@ weight bytes per token and parameter counts. Absolute tokens/s are not: the CI b
 load is not the baseline's. Tolerance 0.30: a noisy 2-core machine moves the ratio by well under
 that, while a 2x slowdown of the pruned model halves it (-50 %). ``--self-test`` reruns the bench
 with ``SAAP_BENCH_INJECT_SLOWDOWN=2`` (pruned decode steps take twice as long) and fails unless that
-run is flagged.
+run is flagged against the unslowed run just made.
 """
 
 from __future__ import annotations
@@ -98,7 +98,10 @@ def main() -> int:
         ok = check(current, baseline, args.tolerance)
         if args.self_test and not args.current:
             print(f"self-test: {SLOWDOWN_ENV}=2 (the pruned model decodes 2x slower) must be flagged")
-            caught = not check(short_run(slowdown=2.0), baseline, args.tolerance)
+            # Against this machine's own run just made: the committed baseline comes from another
+            # machine (its ratio was 0.92 under load where a quiet Xeon gives 1.32), and a 2x slowdown
+            # must be caught whichever side of it this machine falls.
+            caught = not check(short_run(slowdown=2.0), current, args.tolerance)
             print("self-test: the injected slowdown was caught" if caught else "self-test FAILED: not caught")
             ok = ok and caught
     except SaapError as e:
