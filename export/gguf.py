@@ -475,27 +475,52 @@ def _quantize(src: Path, dst: Path, quant: str, progress: bool) -> None:
         raise SaapError(f"--quant {quant} needs llama-cpp-python (pip install llama-cpp-python)") from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_QUANTS[quant][0])
-    with _quiet_llama(not progress):
+    with _quiet_llama(not progress) as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        raise SaapError(f"llama.cpp failed to quantize to {quant} (code {rc})")
+        raise SaapError(f"llama.cpp failed to quantize to {quant} (code {rc}){log.reason()}")
 
 
 class _quiet_llama:
-    """Hide llama.cpp's log lines for the block (llama-cpp-python routes them through this logger)."""
+    """Keep llama.cpp's log (the quantizer's per-tensor lines, the loader's dump) off the terminal for the
+    block, unless ``SAAP_VERBOSE`` is set (``saap -v``); ``quiet`` True hides it even then.
 
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
+    llama-cpp-python prints llama.cpp's log to ``sys.stderr`` below its logger's level, but native code
+    can write to fd 2 itself, which no Python setting reaches. So fd 2 points into a temporary file for
+    the block, the logger lets everything through into it, and ``lines`` / ``reason()`` keep it for the
+    message of a failed call. No Python flush is needed around the swap: llama-cpp-python flushes each
+    line it prints, and Python's stderr is line-buffered.
+    """
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet or not os.environ.get("SAAP_VERBOSE")
+        self.lines: list[str] = []
 
     def __enter__(self):
         self.logger = logging.getLogger("llama-cpp-python")
         self.level = self.logger.level
-        if self.quiet:  # above CRITICAL: llama-cpp-python maps llama.cpp's warnings to ERROR
-            self.logger.setLevel(logging.CRITICAL + 1)
+        if self.quiet:
+            self.logger.setLevel(logging.NOTSET)  # all of it into the file: a failure's reason is among it
+            self.captured = tempfile.TemporaryFile()
+            self.saved_fd = os.dup(2)
+            os.dup2(self.captured.fileno(), 2)
         return self
 
     def __exit__(self, *exc):
+        if self.quiet:
+            os.dup2(self.saved_fd, 2)
+            os.close(self.saved_fd)
+            self.captured.seek(0)
+            text = self.captured.read().decode("utf-8", errors="replace")
+            self.captured.close()
+            self.lines = [line.strip() for line in text.splitlines() if line.strip()]
         self.logger.setLevel(self.level)
+
+    def reason(self) -> str:
+        """``": <the last error line>"`` of what the block printed (else its last line), or ``""``."""
+        errors = [line for line in self.lines if "error" in line.lower() or "failed" in line.lower()]
+        last = (errors or self.lines)[-1:]
+        return f": {last[0]}" if last else ""
 
 
 def quant_fallbacks(path: str | Path, quant: str) -> tuple[list[dict[str, Any]], dict[str, int]]:

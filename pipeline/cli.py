@@ -228,16 +228,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"run '{config.name}' finished in {time.perf_counter() - started:.0f}s -> {config.run_dir}{where}")
 
 
-def _int_list(flag: str, text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SaapError(f"{flag} takes comma-separated integers, not '{text}'") from None
-    if not values or any(v < 1 for v in values):
-        raise SaapError(f"{flag} must be positive integers, not '{text}'")
-    return values
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import (
         BenchSettings,
@@ -257,25 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     baseline = load_document(args.compare) if args.compare else None  # a bad baseline fails before the run
     if args.out and Path(args.out).suffix != ".json":
         raise SaapError(f"--out must name a .json file (the .md and .png go beside it), not '{args.out}'")
-    quantizations = {}
-    for engine, flag in (("onnx", args.onnx_precision), ("gguf", args.gguf_quant)):
-        if flag:
-            quantizations[engine] = [q.strip() for q in flag.split(",") if q.strip()]
-    settings = BenchSettings(
-        models=args.models,
-        engines=[e.strip() for e in args.engines.split(",") if e.strip()],
-        devices=[d.strip() for d in args.devices.split(",") if d.strip()],
-        threads=_int_list("--threads", args.threads) if args.threads else [None],
-        quantizations=quantizations,
-        prompt_tokens=_int_list("--prompt-tokens", args.prompt_tokens),
-        gen_tokens=_int_list("--gen-tokens", args.gen_tokens)[0],
-        repeats=args.repeats,
-        warmup=args.warmup,
-        target=args.target,
-        n_gpu_layers=args.n_gpu_layers,
-        llamacpp_reference=args.llamacpp_reference,
-        slowdown=slowdown_from_env(),
-    )
+    settings = from_args(BenchSettings, args, slowdown=slowdown_from_env())
     doc = run_bench(settings, progress=not args.quiet)
     print(format_table(doc))
     if doc["references"]:
@@ -295,6 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.bench import BenchSettings
     from pipeline.evaluate import EvalSettings
     from pipeline.finetune import FinetuneSettings
     from pipeline.prune import PruneSettings
@@ -353,19 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("bench", help="prefill/decode throughput of dense and pruned models on each engine")
-    p.add_argument("--models", nargs="+", required=True, help="smollm2-135m, checkpoint dirs, .gguf files, ONNX dirs")
-    p.add_argument("--engines", default="torch", help="comma-separated: torch,onnx,gguf")
-    p.add_argument("--devices", default="cpu", help="comma-separated: cpu, cuda, mps (torch), tensorrt (onnx), metal")
-    p.add_argument("--threads", help="comma-separated CPU thread counts (default: physical cores)")
-    p.add_argument("--onnx-precision", help="comma-separated ONNX precisions: fp32 (default), fp16, int8, int4")
-    p.add_argument("--gguf-quant", help="comma-separated GGUF types: f16 (default), f32, bf16, q8_0, q4_0, q4_1, ...")
-    p.add_argument("--prompt-tokens", default="128", help="comma-separated prompt lengths (prefill)")
-    p.add_argument("--gen-tokens", default="128", help="decode steps per run")
-    p.add_argument("--repeats", type=int, default=5, help="measured runs per model (median, min, max)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs per model first")
-    p.add_argument("--target", help="benchmarks/targets/NAME.yaml (laptop-cpu, jetson-orin, server-gpu) or a .yaml")
-    p.add_argument("--n-gpu-layers", type=int, default=-1, help="llama.cpp layers offloaded on a GPU device")
-    p.add_argument("--llamacpp-reference", action="store_true", help="also run llama.cpp's own GGUF of the alias")
+    add_options(p, BenchSettings)
     p.add_argument("--out", help="write the JSON document (and .md table, .png chart beside it)")
     p.add_argument("--compare", help="baseline JSON: exit 1 with a table of metrics that regressed")
     p.add_argument("--tolerance", type=float, help="allowed relative regression for --compare (default 0.10)")

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from export.formats import GGUF_QUANTS, ONNX_PRECISIONS, ExportSettings
+from export.formats import ExportSettings
+from pipeline.bench import BenchSettings
 from pipeline.evaluate import EvalSettings
 from pipeline.finetune import FinetuneSettings
-from pipeline.options import Section, section_model
+from pipeline.options import section_model
 from pipeline.prune import PruneSettings
 from runtime.errors import SaapError
 
@@ -38,28 +39,16 @@ FinetuneConfig = section_model(
     not_flags=("enabled",),  # recovery is off unless the config turns it on
 )
 ExportConfig = section_model(ExportSettings, "ExportConfig")
-
-
-class BenchConfig(Section):
-    """``saap bench`` of the dense model against the final one (interleaved, the same tokens).
-
-    ``onnx_precision`` / ``gguf_quant`` default to the export section's lists.
-    """
-
-    NOT_FLAGS: ClassVar[frozenset[str]] = frozenset({"enabled"})
-    enabled: bool = True
-    target: str | None = None  # benchmarks/targets/<target>.yaml: engines, devices, threads, quantizations
-    engines: list[Literal["torch", "onnx", "gguf"]] = Field(default_factory=lambda: ["torch", "onnx", "gguf"])
-    devices: list[str] = Field(default_factory=lambda: ["cpu"])
-    threads: list[int] | None = None  # default: physical cores
-    onnx_precision: list[Literal[ONNX_PRECISIONS]] | None = None
-    gguf_quant: list[Literal[GGUF_QUANTS]] | None = None
-    prompt_tokens: list[int] = Field(default_factory=lambda: [128])
-    gen_tokens: int = 64
-    repeats: int = 3
-    warmup: int = 1
-    n_gpu_layers: int | None = None
-    llamacpp_reference: bool = False
+BenchConfig = section_model(
+    BenchSettings,
+    "BenchConfig",
+    exclude=("models",),  # the run benchmarks the dense model against its final one
+    defaults={"engines": ["torch", "onnx", "gguf"], "gen_tokens": 64, "repeats": 3},
+    extra={"enabled": (bool, True)},
+    not_flags=("enabled",),
+    doc="saap bench of the dense model against the final one; onnx_precision / gguf_quant default to the "
+    "export section's lists.",
+)
 
 
 class RunConfig(BaseModel):

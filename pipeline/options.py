@@ -125,7 +125,7 @@ def _help(opt: Option, default: Any) -> str:
     shown = default if not isinstance(default, list) else " ".join(map(str, default))
     if default is True:
         return f"{opt.help} (on by default; this flag turns it off)"
-    if default is None or default is False or default == [] or opt.element is bool:
+    if default is None or default is False or default in ([], [None]) or opt.element is bool:
         return opt.help
     return f"{opt.help} (default: {shown})" if opt.help else f"default: {shown}"
 
@@ -143,7 +143,10 @@ def add_options(
         kwargs: dict[str, Any] = {"dest": opt.name, "default": default, "help": _help(opt, default)}
         # Choices are shown, not enforced here: the settings class checks them with a message
         # that names the flag, the same for the CLI, the run config and library callers.
-        if opt.choices:
+        if opt.choices and opt.is_list:
+            kwargs["metavar"] = opt.name.removesuffix("s").upper()
+            kwargs["help"] += f"; of {', '.join(map(str, opt.choices))}"
+        elif opt.choices:
             kwargs["metavar"] = "{" + ",".join(map(str, opt.choices)) + "}"
         elif opt.element in METAVARS:
             kwargs["metavar"] = METAVARS[opt.element]
@@ -176,8 +179,8 @@ class Section(BaseModel):
         """The section as command-line flags: unset values are left out (the verb's default applies)."""
         args: list[str] = []
         for name, value in self.model_dump().items():
-            if name in self.NOT_FLAGS or value is None or value == []:
-                continue
+            if name in self.NOT_FLAGS or value is None or value == [] or value == [None]:
+                continue  # [None]: a list whose default means "let the verb choose" (threads)
             flag = "--" + name.replace("_", "-")
             if isinstance(value, bool):
                 if value != self.FLAG_DEFAULTS.get(name, False):

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench import warning_lines
 from pipeline.config import RunConfig
 
 PROMPT = "The capital of France is"
@@ -352,9 +353,9 @@ SECTIONS = [
 
 
 def bench_warnings(bench: dict | None) -> list[str]:
-    """The bench's own warnings (a loaded machine, repeats that spread): those numbers are not to be trusted."""
-    warnings = [w for r in (bench or {}).get("results", []) for w in r.get("warnings") or []]
-    return [f"**Warning:** {_cell(w)}" for w in dict.fromkeys(warnings)] + ([""] if warnings else [])
+    """The bench's own warnings (a loaded machine, repeats that spread): numbers not to be trusted."""
+    lines = [f"**{_cell(line.removeprefix('warning: '))}** (noisy measurement)" for line in warning_lines(bench or {})]
+    return lines + ([""] if lines else [])
 
 
 def _cell(text: str) -> str:

@@ -349,9 +349,9 @@ def _bench_inputs(ctx: Context) -> dict[str, dict[str, str]]:
 def _bench_exports(ctx: Context) -> list[tuple[str, str]]:
     """The export stages' outputs the bench measures as they are, rather than exporting the model again:
     (stage, path in it), for the engines it runs. A stage that is off has no record and gives none."""
-    engines = _bench_section(ctx).engines
+    engines = set(_bench_section(ctx).engines)
     exports = []
-    if "onnx" in engines and "export-onnx" in ctx.records:
+    if {"onnx", "onnx-genai"} & engines and "export-onnx" in ctx.records:
         exports += [("export-onnx", p) for p in ctx.config.export.onnx]
     if "gguf" in engines and "export-gguf" in ctx.records:
         exports += [("export-gguf", f"model-{q}.gguf") for q in ctx.config.export.gguf]
@@ -361,10 +361,10 @@ def _bench_exports(ctx: Context) -> list[tuple[str, str]]:
 def _bench_section(ctx: Context):
     bench = ctx.config.bench.model_copy()
     if bench.target is None:  # measure what the export stages produced, unless a target says otherwise
-        if "onnx" in bench.engines:
-            bench.onnx_precision = bench.onnx_precision or ctx.config.export.onnx or None
+        if {"onnx", "onnx-genai"} & set(bench.engines):
+            bench.onnx_precision = bench.onnx_precision or list(ctx.config.export.onnx)
         if "gguf" in bench.engines:
-            bench.gguf_quant = bench.gguf_quant or ctx.config.export.gguf or None
+            bench.gguf_quant = bench.gguf_quant or list(ctx.config.export.gguf)
     return bench
 
 

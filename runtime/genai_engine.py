@@ -85,3 +85,8 @@ def genai_available() -> bool:
 
 def has_genai_config(path: str | Path) -> bool:
     return (resolve_onnx_path(path).parent / CONFIG_FILE).is_file()
+
+
+def cuda_available() -> bool:
+    og = _import_genai()
+    return bool(og.is_cuda_available())

@@ -325,7 +325,7 @@ def test_a_worker_killed_by_a_signal_is_a_failed_row_and_the_rest_is_written(pai
     from runtime.llama_build import rebuild_command
 
     dense, pruned, *_ = pair
-    monkeypatch.setattr(bench, "WORKER_ARGS", SIGILL_GGUF_WORKER)
+    monkeypatch.setattr("pipeline.bench.running.WORKER_ARGS", SIGILL_GGUF_WORKER)
     out = tmp_path / "bench.json"
     argv = ["bench", "--models", str(dense), str(pruned), "--engines", "torch,gguf", "--threads", "1"]
     argv += ["--gguf-quant", "q8_0", "--prompt-tokens", "4", "--gen-tokens", "2", "--repeats", "1", "--warmup", "0"]
@@ -361,3 +361,104 @@ def test_a_worker_that_dies_mid_run_is_reported_with_its_signal_and_does_not_han
             worker.measure(4, 2)
     finally:
         worker.kill()
+
+
+# --- given exports ----------------------------------------------------------------------------------------
+
+
+def test_given_exports_are_measured_and_nothing_is_written_to_the_cache(pair, tmp_path, monkeypatch):
+    from export.gguf import export_gguf
+
+    dense, pruned, *_ = pair
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SAAP_CACHE_DIR", str(cache))
+    exports = {label: tmp_path / label / "model-f32.gguf" for label in ("dense", "pruned")}
+    for label, source in (("dense", dense), ("pruned", pruned)):
+        exports[label].parent.mkdir()
+        export_gguf(str(source), exports[label], "f32", progress=False)
+    settings = BenchSettings(
+        models=[str(dense), str(pruned)],
+        engines=["gguf"],
+        quantizations={"gguf": ["f32"]},
+        threads=[1],
+        prompt_tokens=[4],
+        gen_tokens=2,
+        repeats=1,
+        warmup=0,
+        exports=[str(p) for p in exports.values()],
+    )
+    doc = bench.run_bench(settings, progress=False)
+    assert {r["model"]: (r["artifact"], r["artifact_origin"]) for r in doc["results"]} == {
+        label: (str(path), "given") for label, path in exports.items()
+    }
+    assert doc["speedups"] and doc["settings"]["exports"] == settings.exports
+    assert not (cache / "exports").exists()  # the index was looked up before any cache directory was made
+
+
+def test_the_quantization_of_a_given_gguf_comes_from_its_file_type_confirmed_by_its_tensors(pair, tmp_path):
+    from export.gguf import export_gguf
+
+    _, pruned, *_ = pair
+    f32 = tmp_path / "weights.gguf"  # no quantization in the name: general.file_type says it
+    export_gguf(str(pruned), f32, "f32", progress=False)
+    q8 = tmp_path / "model-q8_0.gguf"
+    export_gguf(str(pruned), q8, "q8_0", progress=False)
+    misnamed = tmp_path / "model-q4_0.gguf"  # the name disagrees, the F32 matrices confirm file_type
+    misnamed.write_bytes(f32.read_bytes())
+    sha = json.loads((pruned / "saap.json").read_text())["files"]["model.safetensors"]
+    for path, quant in ((f32, "f32"), (q8, "q8_0"), (misnamed, "f32")):
+        assert bench.read_export(str(path)) == bench.GivenExport(path, "gguf", quant, sha)
+
+
+def test_an_export_of_weights_no_benchmarked_model_has_is_a_one_line_error(pair, tmp_path, tokenizer):
+    from export.gguf import export_gguf
+
+    dense, pruned, *_ = pair
+    other = tmp_path / "other"
+    save_checkpoint(make_model(layers=2, seed=1), tokenizer, other, {"kind": "dense"})
+    stray = tmp_path / "model-f32.gguf"
+    export_gguf(str(other), stray, "f32", progress=False)
+    settings = BenchSettings(models=[str(dense), str(pruned)], engines=["gguf"], exports=[str(stray)])
+    with pytest.raises(SaapError) as error:
+        bench.run_bench(settings, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and f"export '{stray}'" in message and "none of the benchmarked models" in message
+    with pytest.raises(SaapError, match="neither a .gguf file nor an ONNX export"):
+        bench.index_exports([str(tmp_path)])
+
+
+# --- labels -----------------------------------------------------------------------------------------------
+
+
+def test_name_equals_path_labels_a_model_and_parents_still_link(pair, tmp_path):
+    dense, pruned, *_ = pair
+    models = bench.resolve_models([str(dense), f"p20={pruned}"])
+    assert [(m.label, m.spec, m.parent) for m in models] == [("dense", str(dense), None), ("p20", str(pruned), "dense")]
+    # an explicit label is reserved first: the derived one steps aside
+    models = bench.resolve_models([str(dense), f"dense={pruned}"])
+    assert [(m.label, m.parent) for m in models] == [("dense#2", None), ("dense", "dense#2")]
+    odd = tmp_path / "ratio=0.2"  # an existing path with "=" is a path
+    odd.mkdir()
+    assert bench.split_label(str(odd)) == (None, str(odd))
+    assert bench.split_label("runs/x=model") == (None, "runs/x=model")  # the left part is a path, not a name
+    assert bench.split_label("p20=artifacts/saap-p20/model") == ("p20", "artifacts/saap-p20/model")
+    with pytest.raises(SaapError, match="label 'x' is given to more than one"):
+        bench.resolve_models([f"x={dense}", f"x={pruned}"])
+
+
+# --- noise warnings ---------------------------------------------------------------------------------------
+
+
+def test_rows_measured_on_a_busy_machine_or_with_spread_repeats_are_warned_about():
+    quiet = {"load_average_1m": 1.5, "by_prompt": {"16": {"decode_tok_s_runs": [100.0, 104.0, 98.0]}}}
+    assert bench.row_warnings(quiet, cores=2) == []
+    busy = quiet | {"load_average_1m": 3.25}
+    assert bench.row_warnings(busy, cores=2) == ["1-min load average 3.25 above the 2 cores while measuring"]
+    spread = quiet | {"by_prompt": {"16": {"decode_tok_s_runs": [100.0, 85.0, 97.0]}}}  # 15 / 97
+    assert bench.row_warnings(spread, cores=2) == ["decode tok/s of the 3 repeats spread 15% at prompt 16 (over 10%)"]
+    assert bench.row_warnings(quiet | {"load_average_1m": None, "by_prompt": {}}, cores=2) == []
+    doc = _doc()
+    doc["results"][0]["warnings"] = bench.row_warnings(busy, cores=2)
+    line = "warning: pruned torch/cpu/fp32/t2: 1-min load average 3.25 above the 2 cores while measuring"
+    assert bench.format_table(doc).splitlines()[-1] == line
+    assert bench.format_table(doc, markdown=True).splitlines()[-1] == f"- {line}"
