@@ -31,6 +31,7 @@ import torch
 
 from export.formats import DEFAULT_QUANT, GGUF_QUANTS
 from runtime.errors import SaapError
+from runtime.native import verbose
 from runtime.surgery import LayerShape, head_dim, layer_shapes
 
 # quant -> (llama_cpp LLAMA_FTYPE_* constant, the types its mix gives a matrix whose rows fit: the
@@ -493,7 +494,7 @@ class _quiet_llama:
     """
 
     def __init__(self, quiet: bool = False):
-        self.quiet = quiet or not os.environ.get("SAAP_VERBOSE")
+        self.quiet = quiet or not verbose()
         self.lines: list[str] = []
 
     def __enter__(self):

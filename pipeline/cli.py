@@ -11,8 +11,7 @@ from pathlib import Path
 from export.formats import DEFAULT_PRECISION, DEFAULT_QUANT, GGUF_QUANTS, ONNX_PRECISIONS
 from pipeline.options import add_options, from_args
 from runtime.errors import SaapError
-
-VERBOSE_ENV = "SAAP_VERBOSE"
+from runtime.native import VERBOSE_ENV, verbose
 
 
 class _Parser(argparse.ArgumentParser):
@@ -361,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read where native code logs, and inherited by a run's stages
-    if not os.environ.get(VERBOSE_ENV):
+    if not verbose():
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # the GGUF tokenizer's "legacy behaviour" notice is noise here

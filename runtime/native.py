@@ -14,6 +14,12 @@ import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
+VERBOSE_ENV = "SAAP_VERBOSE"  # non-empty (saap -v): native libraries' logs reach the terminal
+
+
+def verbose() -> bool:
+    """Whether native libraries may log to the terminal; children inherit it through the environment."""
+    return bool(os.environ.get(VERBOSE_ENV))
 
 
 def exit_description(returncode: int | None) -> str:

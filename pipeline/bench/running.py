@@ -32,12 +32,11 @@ from pipeline.bench.settings import (
     BenchSettings,
     RunConfig,
     validate,
-    verbose,
 )
 from pipeline.bench.stats import summarize
 from runtime.errors import SaapError
 from runtime.gguf_engine import crash_message
-from runtime.native import child_env, exit_description
+from runtime.native import child_env, exit_description, verbose
 
 WORKER_ARGS = ["-m", "pipeline.bench_worker"]  # the child's command line after the interpreter
 

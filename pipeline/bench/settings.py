@@ -26,7 +26,6 @@ ENGINE_DEVICES = {
     "gguf": ("cpu", "cuda", "metal"),
 }
 SLOWDOWN_ENV = "SAAP_BENCH_INJECT_SLOWDOWN"  # CI self-test: pruned models decode this many times slower
-VERBOSE_ENV = "SAAP_VERBOSE"  # non-empty: native libraries' logs reach the terminal (``saap -v``)
 LLAMACPP_REF = " [llama.cpp file]"
 
 
@@ -91,10 +90,6 @@ class BenchModel:
     reference_of: str | None = None  # llamacpp-ref: the alias it stands beside
     weights_id: str | None = None  # sha256[:16] of the weights, names the export cache
     weights_sha256: str | None = None  # of the weights it loads from, matched to --exports' sources
-
-
-def verbose() -> bool:
-    return bool(os.environ.get(VERBOSE_ENV))
 
 
 def validate(settings: BenchSettings) -> None:
