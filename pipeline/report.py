@@ -311,8 +311,8 @@ def _throughput_section(data: dict, charts: dict[str, str]) -> list[str]:
     speedups = speedup_rows(data["bench"])
     if speedups:
         lines += [
-            "Decode speed-up over the dense model, measured interleaved in one run, against the ideal",
-            "from weight bytes read per token:",
+            "Decode speed-up over the dense model, measured interleaved in one run, against the ideal from "
+            "weight bytes read per token (the dashed lines in the chart):",
             "",
         ]
         lines += _table(["model", "engine", "measured", "ideal", "efficiency"], speedups)
@@ -326,9 +326,12 @@ def _artifacts_section(data: dict, charts: dict[str, str]) -> list[str]:
         return []
     rows = [[f"`{a['path']}`", _mib(a["bytes"])] for a in data["artifacts"]]
     lines = ["## Artifacts", ""] + _table(["artifact", "size"], rows)
-    lines += ["## Running the artifacts", "", "```bash"]
-    lines += [f"# {where}\n{command}" for where, command in run_commands(data)]
-    return lines + ["```", ""]
+    lines += ["## Running the artifacts", ""]
+    for artifact in data["artifacts"]:
+        lines += [f"### `{artifact['path']}`", "", "```bash"]
+        lines += [f"# {where}\n{command}" for where, command in run_commands({"artifacts": [artifact]})]
+        lines += ["```", ""]
+    return lines
 
 
 def _stages_section(data: dict, charts: dict[str, str]) -> list[str]:
@@ -354,7 +357,7 @@ SECTIONS = [
 
 def bench_warnings(bench: dict | None) -> list[str]:
     """The bench's own warnings (a loaded machine, repeats that spread): numbers not to be trusted."""
-    lines = [f"**{_cell(line.removeprefix('warning: '))}** (noisy measurement)" for line in warning_lines(bench or {})]
+    lines = [f"**Noisy measurement:** {_cell(line.removeprefix('warning: '))}" for line in warning_lines(bench or {})]
     return lines + ([""] if lines else [])
 
 

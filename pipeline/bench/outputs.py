@@ -133,6 +133,7 @@ def plot(doc: dict[str, Any], out_png: Path) -> None:
         med = [d["median"] for d in decode]
         whiskers = [[d["median"] - d["min"] for d in decode], [d["max"] - d["median"] for d in decode]]
         ax.bar(x + (i - (len(models) - 1) / 2) * width, med, width, yerr=whiskers, capsize=2, label=model)
+    _ideal_marks(ax, doc, measured, runs, models, prompt, width)
     ax.set_xticks(x, runs, fontsize=8)
     ax.set_ylabel("decode tokens/s (median, min-max)")
     ax.set_title(f"saap bench: decode throughput, prompt {prompt} tokens")
@@ -141,6 +142,22 @@ def plot(doc: dict[str, Any], out_png: Path) -> None:
     with atomic_file(out_png, suffix=".png") as tmp:  # matplotlib picks the format by the suffix
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def _ideal_marks(ax, doc: dict[str, Any], measured: dict, runs: list, models: list, prompt: str, width: float) -> None:
+    """A dashed line over each pruned bar at its dense parent's speed x the ideal speed-up (weight bytes):
+    how fast memory-bound decode could be, so the gap to the bar is visible."""
+    labelled = False
+    for s in doc.get("speedups", []):
+        run = _run_name(s)
+        parent = measured.get((s["parent"], run))
+        if str(s.get("prompt_tokens")) != prompt or run not in runs or parent is None or not s.get("ideal_speedup"):
+            continue
+        centre = runs.index(run) + (models.index(s["model"]) - (len(models) - 1) / 2) * width
+        ideal = parent["by_prompt"][prompt]["decode_tok_s"]["median"] * s["ideal_speedup"]
+        label = None if labelled else "ideal (dense x weight-byte ratio)"
+        ax.hlines(ideal, centre - width / 2, centre + width / 2, colors="black", linestyles="dashed", label=label)
+        labelled = True
 
 
 def write_outputs(doc: dict[str, Any], out_json: str | Path, title: str | None = None, notes: str = "") -> list[Path]:
