@@ -25,7 +25,9 @@ import argparse
 import sys
 import time
 
-from pipeline.data import DEFAULT_CALIBRATION, calibration_batches, resolve_data_file
+from pipeline.data import calibration_batches, resolve_data_file
+from pipeline.options import add_options, options
+from pipeline.prune import PruneSettings
 from runtime.errors import SaapError
 from runtime.models import LoadedModel
 from runtime.surgery import (
@@ -42,11 +44,11 @@ def prune_with_torch_pruning(
     loaded: LoadedModel,
     ratio: float,
     importance: str = "taylor",
-    align: int = 32,
-    calibration: str = DEFAULT_CALIBRATION,
-    num_samples: int = 32,
-    seq_len: int = 128,
-    seed: int = 0,
+    align: int = PruneSettings.align,  # the calibration pass as saap prune's, from its defaults
+    calibration: str = PruneSettings.calibration,
+    num_samples: int = PruneSettings.num_samples,
+    seq_len: int = PruneSettings.seq_len,
+    seed: int = PruneSettings.seed,
 ) -> dict:
     """Prune MLP channels of ``loaded.model`` in place with torch-pruning; returns the saap.json record."""
     import torch_pruning as tp
@@ -154,11 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--importance", default="taylor", choices=["taylor", "magnitude"])
-    parser.add_argument("--align", type=int, default=32)
-    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION)
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    shared = {"align", "calibration", "num_samples", "seq_len", "seed"}  # saap prune's, with its defaults
+    add_options(parser, PruneSettings, exclude={o.name for o in options(PruneSettings)} - shared)
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
