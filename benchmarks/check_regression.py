@@ -36,8 +36,9 @@ from pipeline.bench import (  # noqa: E402
     load_document,
     run_bench,
 )
-from runtime.checkpoint import is_checkpoint, write_json_atomic  # noqa: E402
+from runtime.checkpoint import is_checkpoint  # noqa: E402
 from runtime.errors import SaapError  # noqa: E402
+from runtime.io import write_json_atomic  # noqa: E402
 from runtime.models import cache_dir  # noqa: E402
 
 BASELINE = PROJECT / "benchmarks" / "baselines" / "ci-torch-smollm2-135m.json"

@@ -31,7 +31,7 @@ from _common import PROJECT, RESULTS, environment, run_python, run_saap
 sys.path.insert(0, str(PROJECT))
 
 from pipeline.zeroshot import TASKS  # noqa: E402
-from runtime.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
+from runtime.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "shortgpt", "magnitude", "random", "torch-pruning")
 PPL_SETS = ("wikitext2", "ptb")

@@ -25,7 +25,7 @@ from pathlib import Path
 from _common import RESULTS, environment
 from quality import PPL_SETS, add_sitting_arguments, evaluate_cell, prune_cell, settings_match
 
-from runtime.checkpoint import write_json_atomic, write_text_atomic
+from runtime.io import write_json_atomic, write_text_atomic
 
 # Held-out text that neither calibration nor the reported tables use: defaults are chosen on it, not on the
 # test splits (WikiText-2 test / PTB are reported beside it).

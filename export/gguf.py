@@ -31,6 +31,7 @@ import torch
 
 from export.formats import DEFAULT_QUANT, GGUF_QUANTS
 from runtime.errors import SaapError
+from runtime.io import atomic_file
 from runtime.native import verbose
 from runtime.surgery import LayerShape, head_dim, layer_shapes
 
@@ -578,24 +579,18 @@ def write_gguf(
     out = _prepare_output(out, quant, overwrite)
     metadata = metadata or {}
     start = time.perf_counter()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".gguf", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    float_tmp = tmp.with_name(tmp.name + ".f32.gguf")
-    try:
-        if quant in LLAMA_QUANTS:
-            # Quantize from float32 so the weights are rounded once, by llama.cpp.
-            info = _write_float_gguf(config, tensors, tokenizer, float_tmp, "f32", metadata, progress)
-            _quantize(float_tmp, tmp, quant, progress)
-        else:
-            info = _write_float_gguf(config, tensors, tokenizer, tmp, quant, metadata, progress)
-        fallbacks, types = quant_fallbacks(tmp, quant)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-    finally:
-        for path in (tmp, float_tmp):
-            if path.exists():
-                path.unlink()
+    with atomic_file(out, suffix=".gguf") as tmp:
+        float_tmp = tmp.with_name(tmp.name + ".f32.gguf")
+        try:
+            if quant in LLAMA_QUANTS:
+                # Quantize from float32 so the weights are rounded once, by llama.cpp.
+                info = _write_float_gguf(config, tensors, tokenizer, float_tmp, "f32", metadata, progress)
+                _quantize(float_tmp, tmp, quant, progress)
+            else:
+                info = _write_float_gguf(config, tensors, tokenizer, tmp, quant, metadata, progress)
+            fallbacks, types = quant_fallbacks(tmp, quant)
+        finally:
+            float_tmp.unlink(missing_ok=True)
     return {
         "out": str(out),
         "architecture": info["architecture"],
@@ -609,12 +604,6 @@ def write_gguf(
         "tokenizer": info["tokenizer"],
         "source_sha256": metadata.get("source_sha256"),
     }
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def export_gguf(

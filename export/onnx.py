@@ -25,7 +25,6 @@ its top-1 agreement with the fp32 graph on WikiText-2.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import sys
 import tempfile
 import time
@@ -571,13 +570,6 @@ def top1_agreement(reference: OnnxSession, candidate: OnnxSession, windows: np.n
 # --- the export -----------------------------------------------------------------------------------------
 
 
-def _readable_like_its_siblings(path: Path) -> None:
-    # write_json_atomic goes through mkstemp, which creates the file private (0600).
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
 def _package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -679,7 +671,6 @@ def export_onnx(
             "files": files,
         }
         write_json_atomic(tmp / RECORD_FILE, record)
-        _readable_like_its_siblings(tmp / RECORD_FILE)
 
     seconds = round(time.perf_counter() - started, 1)
     model_bytes = sum(v["bytes"] for k, v in files.items() if k.startswith(MODEL_FILE))

@@ -84,8 +84,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from pipeline.data import PERPLEXITY_SETS, resolve_data_file
     from pipeline.evaluate import generations, perplexity, results_markdown
     from pipeline.zeroshot import TASKS, evaluate_zeroshot, prepare_tasks
-    from runtime.checkpoint import write_json_atomic, write_text_atomic
     from runtime.engine import torch_device
+    from runtime.io import write_json_atomic, write_text_atomic
     from runtime.models import load_model
     from runtime.surgery import model_parameter_count
 
@@ -148,8 +148,8 @@ def _print_perplexity(result: dict) -> None:
 def _eval_on_engine(args: argparse.Namespace, tasks: list[str]) -> None:
     """``saap eval --engine gguf|onnx``: the deployed file's perplexity and generations, through its runtime."""
     from pipeline.evaluate import engine_generations, engine_perplexity, results_markdown
-    from runtime.checkpoint import write_json_atomic, write_text_atomic
     from runtime.engine import EngineSettings, load_engine
+    from runtime.io import write_json_atomic, write_text_atomic
 
     if tasks:
         raise SaapError(f"zero-shot tasks run on the torch engine (lm-eval's HF model), not {args.engine}")

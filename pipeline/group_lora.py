@@ -43,8 +43,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from runtime.checkpoint import sha256_file, write_json_atomic
+from runtime.checkpoint import sha256_file
 from runtime.errors import SaapError
+from runtime.io import write_json_atomic
 from runtime.surgery import prunable_linears
 
 BITS = (4, 8)

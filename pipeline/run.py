@@ -623,7 +623,7 @@ def _stage_bytes(directory: Path) -> int:
 
 def _publish_report(run_dir: Path) -> None:
     """``<run>/report.md`` and ``report.html``: copies of the report stage's files at the run's top."""
-    from runtime.checkpoint import write_text_atomic
+    from runtime.io import write_text_atomic
 
     for name in ("report.md", "report.html"):
         write_text_atomic(run_dir / name, (run_dir / "report" / name).read_text())

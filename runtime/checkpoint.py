@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from runtime.errors import SaapError
-from runtime.io import atomic_dir, atomic_file, write_json_atomic, write_text_atomic  # noqa: F401 (importers)
+from runtime.io import atomic_dir
 from runtime.surgery import has_output_bias, head_dim, layer_shapes, reshape_empty_layer
 
 METADATA_FILE = "saap.json"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -73,18 +72,6 @@ class GenaiEngine(Engine):
             raise SaapError("decode_step before prefill")
         self.generator.append_tokens(np.asarray([token_id], dtype=np.int32))
         return np.asarray(self.generator.get_output("logits"), dtype=np.float32)[0, -1]
-
-
-def genai_available() -> bool:
-    try:
-        _import_genai()
-    except SaapError:
-        return False
-    return True
-
-
-def has_genai_config(path: str | Path) -> bool:
-    return (resolve_onnx_path(path).parent / CONFIG_FILE).is_file()
 
 
 def cuda_available() -> bool:

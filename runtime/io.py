@@ -45,7 +45,8 @@ def swap_in(tmp: Path, final: Path) -> None:
 
 @contextmanager
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (not yet created); it becomes ``path`` if the block completes."""
+    """Yield an empty temporary file beside ``path``; it becomes ``path`` (readable like any file) if the
+    block completes, and is removed if it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)

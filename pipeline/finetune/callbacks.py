@@ -21,7 +21,7 @@ from pipeline.finetune.state import (
     saved_checkpoint,
     trainable_state,
 )
-from runtime.checkpoint import write_json_atomic
+from runtime.io import write_json_atomic
 
 
 class LossProgress(ProgressCallback):

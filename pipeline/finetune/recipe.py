@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -23,8 +22,9 @@ from pipeline.finetune.settings import FinetuneSettings
 from pipeline.finetune.state import ELAPSED_FILE, RUN_FILE, last_checkpoint
 from pipeline.finetune.trainer import SafetensorsTrainer
 from pipeline.group_lora import QUANTIZED_DIR, check_group_size, merge_error, save_quantized
-from runtime.checkpoint import METADATA_FILE, is_checkpoint, save_checkpoint, sha256_file, write_json_atomic
+from runtime.checkpoint import METADATA_FILE, is_checkpoint, save_checkpoint, sha256_file
 from runtime.errors import SaapError
+from runtime.io import swap_in, write_json_atomic
 from runtime.memory import PhasePeakRss, peak_rss_mb
 from runtime.surgery import model_parameter_count
 
@@ -284,7 +284,8 @@ class FinetuneRecipe:
                 settings.group_size,
                 {"float_checkpoint_weights_sha256": metadata["files"]["model.safetensors"]},
             )
-        _replace(final, self.out_dir)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        swap_in(final, self.out_dir)
         return metadata
 
     def _record(self, kept_step: int, eval_after: float | None) -> dict[str, Any]:
@@ -378,15 +379,3 @@ def finetune(
     metadata = recipe.save()
     recipe.cleanup()
     return metadata
-
-
-def _replace(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target`` (replacing it); ``target`` is never half-written."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        source.rename(target)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source.rename(target)

@@ -5,8 +5,9 @@ import sys
 import pytest
 import torch
 
-from runtime.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import SaapError
+from runtime.io import write_json_atomic
 from runtime.surgery import layer_shapes
 from tests.runtime.test_surgery import slice_groups
 
