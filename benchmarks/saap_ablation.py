@@ -33,12 +33,16 @@ DEV_SET = "calibration/wikipedia_articles.txt"
 
 # name -> extra `saap prune` flags; the first is SAAP's default.
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "fused-uniform": (),
-    "sum-uniform": ("--ablation", "sum"),
-    "vector-uniform": ("--ablation", "vector"),
-    "element-uniform": ("--ablation", "element"),
-    "fused-adaptive": ("--search", "adaptive"),
-    "fused-adaptive-nofluct": ("--search", "adaptive", "--fluctuation-weight", "0"),
+    "fused-measured": (),
+    "fused-measured-2pass": ("--search-passes", "2"),
+    "fused-measured-4samples": ("--search-samples", "4"),
+    "element-measured": ("--ablation", "element"),
+    "fused-uniform": ("--allocation", "uniform-range"),
+    "sum-uniform": ("--ablation", "sum", "--allocation", "uniform-range"),
+    "vector-uniform": ("--ablation", "vector", "--allocation", "uniform-range"),
+    "element-uniform": ("--ablation", "element", "--allocation", "uniform-range"),
+    "fused-adaptive": ("--allocation", "adaptive"),
+    "fused-adaptive-nofluct": ("--allocation", "adaptive", "--fluctuation-weight", "0"),
 }
 
 

@@ -1,8 +1,9 @@
 """The baseline pruners of the comparison: FLAP, Wanda-sp and ShortGPT, on the shared surgery.
 
 Every method sees the same calibration batches and the same budget (parameters to remove, as
-``pipeline.prune.parameters_to_remove`` computes it); each produces ``GroupScores`` and a per-layer
-plan, and ``pipeline.prune.shrink_model`` (``runtime.surgery``) does the slicing.
+``pipeline.prune.parameters_to_remove`` computes it). This module holds their scores; their
+allocations (global threshold, whole layers, one ratio everywhere) are in ``pipeline.prune.allocation``
+and ``pipeline.prune.pruner.shrink_model`` (``runtime.surgery``) does the slicing.
 
 * ``flap`` (An et al., AAAI 2024, "Fluctuation-based Adaptive Structured Pruning"): the
   fluctuation metric of an input channel c of o_proj / down_proj is the sample variance of that
@@ -33,7 +34,6 @@ plan, and ``pipeline.prune.shrink_model`` (``runtime.surgery``) does the slicing
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +48,7 @@ from runtime.surgery import (
     has_attention,
     has_mlp,
     head_dim,
-    layer_parameter_count,
+    kept_indices,
     layer_shapes,
 )
 
@@ -131,7 +131,7 @@ def _group_channels(model: nn.Module, i: int) -> torch.Tensor:
     return q_rows
 
 
-def _empty_scores(model: nn.Module) -> GroupScores:
+def empty_scores(model: nn.Module) -> GroupScores:
     shapes = layer_shapes(model.config)
     return GroupScores(
         [torch.zeros(s.num_key_value_heads) for s in shapes], [torch.zeros(s.intermediate_size) for s in shapes]
@@ -145,7 +145,7 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
 
 def flap_scores(model: nn.Module, stats: dict[str, list[ChannelStats | None]]) -> GroupScores:
     """Standardised WIFV per attention group and MLP channel (higher = keep)."""
-    scores = _empty_scores(model)
+    scores = empty_scores(model)
     for i, layer in enumerate(model.model.layers):
         if stats["attention"][i] is not None:
             w = layer.self_attn.o_proj.weight.detach().double().cpu()
@@ -159,7 +159,7 @@ def flap_scores(model: nn.Module, stats: dict[str, list[ChannelStats | None]]) -
 
 def wanda_sp_scores(model: nn.Module, stats: dict[str, list[ChannelStats | None]]) -> GroupScores:
     """|W| * ||X||_2 of o_proj / down_proj input channels, mean over output rows, summed per group."""
-    scores = _empty_scores(model)
+    scores = empty_scores(model)
     for i, layer in enumerate(model.model.layers):
         if stats["attention"][i] is not None:
             w = layer.self_attn.o_proj.weight.detach().double().cpu()
@@ -171,62 +171,6 @@ def wanda_sp_scores(model: nn.Module, stats: dict[str, list[ChannelStats | None]
     return scores
 
 
-def threshold_plan(config, shapes: list[LayerShape], scores: GroupScores, remove_params: int, align: int):
-    """FLAP's global threshold over every group of the model, weighted by parameter cost.
-
-    A module's removable unit is the chunk of its lowest-scoring groups down to the next aligned
-    size; the threshold passes the chunk at its highest member's score. Units go in that order until
-    the removed parameters are closest to ``remove_params``. Layer 0 keeps one attention group.
-    """
-    hd = head_dim(config)
-    order = {
-        "attention": [s.argsort() for s in scores.attention],
-        "mlp": [s.argsort() for s in scores.mlp],
-    }
-    values = {"attention": scores.attention, "mlp": scores.mlp}
-    removed_count = {module: [0] * len(shapes) for module in MODULES}
-    current = list(shapes)
-
-    def next_unit(module: str, i: int):
-        shape = current[i]
-        if module == "attention":
-            q = shapes[i].queries_per_kv_head
-            kept = [k for k in range(shape.num_key_value_heads) if (k * q * hd) % align == 0 and (k > 0 or i > 0)]
-            if not shape.num_key_value_heads or not kept:
-                return None
-            new = LayerShape(max(kept) * q, max(kept), shape.intermediate_size)
-            count = shape.num_key_value_heads - max(kept)
-        else:
-            if not shape.intermediate_size:
-                return None
-            width = (shape.intermediate_size - 1) // align * align
-            new = LayerShape(shape.num_attention_heads, shape.num_key_value_heads, width)
-            count = shape.intermediate_size - width
-        start = removed_count[module][i]
-        level = float(values[module][i][order[module][i][start : start + count]].max())
-        params = layer_parameter_count(config, shape) - layer_parameter_count(config, new)
-        return level, module, i, count, params, new
-
-    heap = [u for module in MODULES for i in range(len(shapes)) if (u := next_unit(module, i))]
-    heapq.heapify(heap)
-    removed = 0
-    while heap and removed < remove_params:
-        _, module, i, count, params, new = heapq.heappop(heap)
-        if removed + params - remove_params > remove_params - removed:
-            break  # this unit would overshoot by more than stopping undershoots
-        removed_count[module][i] += count
-        shape = current[i]  # the other module of this layer may have shrunk since the unit was queued
-        if module == "attention":
-            kv = shape.num_key_value_heads - count
-            current[i] = LayerShape(kv * shapes[i].queries_per_kv_head, kv, shape.intermediate_size)
-        else:
-            current[i] = LayerShape(shape.num_attention_heads, shape.num_key_value_heads, new.intermediate_size)
-        removed += params
-        if unit := next_unit(module, i):
-            heapq.heappush(heap, unit)
-    return current
-
-
 def compensate_bias(
     model: nn.Module, stats: dict[str, list[ChannelStats | None]], scores: GroupScores, plan: list[LayerShape]
 ) -> list[dict]:
@@ -235,8 +179,6 @@ def compensate_bias(
     Must run on the unsliced model with the scores and plan ``shrink_model`` will use (it keeps the
     top-scoring groups). Returns the blocks removed whole, whose compensation is lost.
     """
-    from pipeline.prune import kept_indices
-
     model.config.output_bias = True
     dropped = []
     with torch.no_grad():
@@ -293,29 +235,3 @@ def block_influence(model: nn.Module, batches: list[torch.Tensor], progress: boo
         for handle in handles:
             handle.remove()
     return [1 - s / n for s, n in zip(sums, tokens, strict=True)]
-
-
-def shortgpt_plan(config, shapes: list[LayerShape], influence: list[float], remove_params: int):
-    """Whole layers in ascending BI (never layer 0) within the budget, then attention blocks."""
-    ranked = sorted(range(1, len(shapes)), key=lambda i: influence[i])
-    current, removed = list(shapes), 0
-    empty = LayerShape(0, 0, 0)
-
-    def cost(old: LayerShape, new: LayerShape) -> int:
-        return layer_parameter_count(config, old) - layer_parameter_count(config, new)
-
-    whole = []
-    for i in ranked:
-        params = cost(current[i], empty)
-        if removed + params > remove_params:
-            break
-        current[i], removed = empty, removed + params
-        whole.append(i)
-    for i in ranked:
-        if i in whole or not current[i].num_key_value_heads:
-            continue
-        new = LayerShape(0, 0, current[i].intermediate_size)
-        params = cost(current[i], new)
-        if removed + params <= remove_params:
-            current[i], removed = new, removed + params
-    return current

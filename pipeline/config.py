@@ -112,7 +112,7 @@ def check_semantics(config: RunConfig, name: str) -> None:
     seconds instead of after the first stage.
     """
     from pipeline.data import PERPLEXITY_SETS, resolve_data_file
-    from pipeline.prune import budget_plan
+    from pipeline.prune import check_budget
     from pipeline.zeroshot import TASKS
     from runtime.models import load_model_config
     from runtime.surgery import config_parameter_count, layer_shapes
@@ -136,7 +136,7 @@ def check_semantics(config: RunConfig, name: str) -> None:
     except SaapError as e:
         fail("model", str(e))
     try:
-        budget_plan(model_config, layer_shapes(model_config), config_parameter_count(model_config), settings)
+        check_budget(model_config, layer_shapes(model_config), config_parameter_count(model_config), settings)
     except SaapError as e:
         fail(budget_key, str(e))
     checks = [("prune.calibration", prune.calibration, None)] if prune.calibration else []

@@ -1,7 +1,7 @@
 """SAAP: structurally-aware adaptive pruning (arXiv 2412.15127), rebuilt from its abstract.
 
 Only the abstract is public; each step below is our reading of it, switchable so that its
-contribution can be measured (``--ablation``, ``--search``, ``--fluctuation-weight``).
+contribution can be measured (``--ablation``, ``--allocation``, ``--fluctuation-weight``).
 
 1. Importance at two granularities per coupled group, from per-sample calibration gradients g_b
    (batch size 1, so one backward = one sample), collected with tensor hooks (no weight copies
@@ -16,20 +16,16 @@ contribution can be measured (``--ablation``, ``--search``, ``--fluctuation-weig
    is its across-batch noise L = mean_(b,group) (x_b - mean_b x)^2; minimising
    L/(2 s^2) + 1/2 log s^2 has its optimum at s^2 = L, so the learned weight 1/(2 s^2) = 1/(2L):
    a metric whose per-batch estimates scatter more is trusted less.
-3. Adaptive structure search: a module's *fluctuation* is the coefficient of variation of its
-   summed per-batch fused score. Every removable unit (one aligned MLP channel chunk, one KV
-   group step) gets the priority  fused importance of the unit / its parameters x (1 + lambda CV),
-   and units are removed cheapest first across the whole model until the budget is met (overshoot
-   below one unit). Input-sensitive (fluctuating) modules are pruned less; a module whose units are
-   all cheap disappears entirely (a layer without attention or without MLP). Layer 0 keeps its
-   attention, which HF's KV cache reads its sequence length from. ``--search adaptive``; the
-   default is ``--search uniform`` (LLM-Pruner's per-layer plan with SAAP's fused group ranking),
-   which measured better on SmolLM2-135M (see ``adaptive_plan``).
+3. Structure: how many groups go from each layer and module is the allocation's job
+   (``pipeline.prune.allocation``). The paper's step "rank the importance of all modules to
+   determine the specific layers that should be pruned" is ``--allocation measured``: costs measured
+   as KL to the dense model, because summed first-order scores (our first reading, ``--allocation
+   adaptive``: priority = fused importance per parameter x (1 + lambda CV), CV the coefficient of
+   variation of a module's per-batch fused score) proved a poor exchange rate between layers.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 import torch
@@ -37,10 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from runtime.surgery import (
-    LayerShape,
     groups_from_reduced,
     head_dim,
-    layer_parameter_count,
     layer_shapes,
     prunable_linears,
     reduce_to_group_axis,
@@ -49,7 +43,6 @@ from runtime.surgery import (
 MODULES = ("attention", "mlp")
 METRICS = ("vector", "element")
 ABLATIONS = ("fused", "sum", "vector", "element")
-SEARCHES = ("adaptive", "uniform")
 
 
 @dataclass
@@ -222,78 +215,3 @@ def fluctuation(fused: FusedScores) -> dict[str, list[float]]:
             values.append(float(series.std() / mean) if series.numel() > 1 and mean > 0 else 0.0)
         result[module] = values
     return result
-
-
-def adaptive_plan(
-    config,
-    shapes: list[LayerShape],
-    fused: FusedScores,
-    cv: dict[str, list[float]],
-    remove_params: int,
-    align: int,
-    fluctuation_weight: float = 1.0,
-) -> list[LayerShape]:
-    """Cheapest-first removal of aligned units across all layers until ``remove_params`` are gone.
-
-    Units leave lowest-fused-score groups first, so the plan keeps each module's top-scoring groups.
-
-    Measured on SmolLM2-135M at 20 % (WikiText-2 perplexity, first 128 windows of 128 tokens, no
-    fine-tuning): this search 272.7, LLM-Pruner 206.9, FLAP 228.1; the same fused scores with the
-    uniform plan: see benchmarks/results/quality-smollm2-135m.md. The per-unit first-order scores
-    rank groups *within* a module well but are a poor exchange rate *between* modules and layers
-    (the plan strips late-layer attention and touches the first and last layers), so ``uniform`` is
-    the default and this search stays an option until a better cross-layer criterion is found.
-    """
-    hd = head_dim(config)
-    order = {module: [torch.argsort(s) for s in fused.groups[module]] for module in MODULES}  # ascending
-    removed_count = {module: [0] * len(shapes) for module in MODULES}
-    current = list(shapes)
-
-    def next_step(module: str, i: int) -> tuple[float, int, int] | None:
-        """(priority, groups to remove, params removed) of module i's next unit, or None."""
-        shape = current[i]
-        if module == "attention":
-            if shape.num_key_value_heads == 0:
-                return None
-            q = shapes[i].queries_per_kv_head
-            kept = [k for k in range(shape.num_key_value_heads) if (k * q * hd) % align == 0 and (k > 0 or i > 0)]
-            if not kept:
-                return None
-            count = shape.num_key_value_heads - max(kept)
-            new = LayerShape(max(kept) * q, max(kept), shape.intermediate_size)
-        else:
-            if shape.intermediate_size == 0:
-                return None
-            width = shape.intermediate_size
-            new_width = (width - 1) // align * align  # the next aligned width below
-            count = width - new_width
-            new = LayerShape(shape.num_attention_heads, shape.num_key_value_heads, new_width)
-        params = layer_parameter_count(config, shape) - layer_parameter_count(config, new)
-        start = removed_count[module][i]
-        importance = float(fused.groups[module][i][order[module][i][start : start + count]].sum())
-        priority = importance / params * (1 + fluctuation_weight * cv[module][i])
-        return priority, count, params
-
-    heap = []
-    for module in MODULES:
-        for i in range(len(shapes)):
-            step = next_step(module, i)
-            if step:
-                heapq.heappush(heap, (step[0], module, i, step[1], step[2]))
-    removed = 0
-    while removed < remove_params and heap:
-        _, module, i, count, params = heapq.heappop(heap)
-        removed_count[module][i] += count
-        shape = current[i]
-        if module == "attention":
-            kv = shape.num_key_value_heads - count
-            current[i] = LayerShape(kv * shapes[i].queries_per_kv_head, kv, shape.intermediate_size)
-        else:
-            current[i] = LayerShape(
-                shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size - count
-            )
-        removed += params
-        step = next_step(module, i)
-        if step:
-            heapq.heappush(heap, (step[0], module, i, step[1], step[2]))
-    return current

@@ -27,12 +27,11 @@ import time
 
 from pipeline.data import calibration_batches, resolve_data_file
 from pipeline.options import add_options, options
-from pipeline.prune import PruneSettings
+from pipeline.prune import PruneSettings, shape_record
 from runtime.errors import SaapError
 from runtime.models import LoadedModel
 from runtime.surgery import (
     LayerShape,
-    decode_parameter_count,
     layer_parameter_count,
     layer_shapes,
     model_parameter_count,
@@ -128,16 +127,7 @@ def prune_with_torch_pruning(
         },
         "calibration": {"path": str(path)},
         "pruned_layers": [0, len(shapes)],
-        "ratio_requested": ratio,
-        "ratio_achieved": 1 - after / total,
-        "params_before": total,
-        "params_after": after,
-        "decode_bytes_before": decode_parameter_count(config, before_shapes) * 4,
-        "decode_bytes_after": decode_parameter_count(config, shapes) * 4,
-        "layers": [
-            {"index": i, "before": b.as_dict(), "after": s.as_dict()}
-            for i, (b, s) in enumerate(zip(before_shapes, shapes, strict=True))
-        ],
+        **shape_record(config, before_shapes, total, after, round(ratio * total)),
         "prune_seconds": round(time.perf_counter() - started, 2),
     }
 

@@ -30,6 +30,7 @@ REPORTED_METRIC = {
     "arc_challenge": "acc_norm",
     "openbookqa": "acc_norm",
 }
+REPORTED_METRIC |= {f"{task}_dev": REPORTED_METRIC[task] for task in ("arc_easy", "arc_challenge", "openbookqa")}
 PREPARED_VERSION = 1  # bump when the preparation below changes, so caches are rebuilt
 
 
@@ -102,7 +103,12 @@ PREPARE: dict[str, Callable[[Path], Iterator[dict]]] = {
     "arc_easy": lambda root: _multiple_choice(root / "arc" / "ARC-Easy-Test.jsonl"),
     "arc_challenge": lambda root: _multiple_choice(root / "arc" / "ARC-Challenge-Test.jsonl"),
     "openbookqa": lambda root: _multiple_choice(root / "openbookqa" / "test.jsonl"),
+    # Dev splits, for choosing defaults (never reported as results): not in TASKS, named explicitly.
+    "arc_easy_dev": lambda root: _multiple_choice(root / "arc" / "ARC-Easy-Dev.jsonl"),
+    "arc_challenge_dev": lambda root: _multiple_choice(root / "arc" / "ARC-Challenge-Dev.jsonl"),
+    "openbookqa_dev": lambda root: _multiple_choice(root / "openbookqa" / "dev.jsonl"),
 }
+DEV_TASKS = ("arc_easy_dev", "arc_challenge_dev", "openbookqa_dev")
 
 # Prompt templates as in lm-eval 0.4 (super_glue/boolq, piqa, hellaswag, winogrande, arc, openbookqa).
 TEMPLATES: dict[str, dict] = {
@@ -123,6 +129,7 @@ TEMPLATES: dict[str, dict] = {
     "arc_challenge": {"doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "{{choices}}"},
     "openbookqa": {"doc_to_text": "question", "doc_to_choice": "{{choices}}"},
 }
+TEMPLATES |= {f"{task}_dev": TEMPLATES[task] for task in ("arc_easy", "arc_challenge", "openbookqa")}
 
 
 def prepare_tasks(tasks: list[str], data_root: Path | None, work_dir: Path) -> Path:
@@ -130,7 +137,7 @@ def prepare_tasks(tasks: list[str], data_root: Path | None, work_dir: Path) -> P
     root = Path(data_root) if data_root else default_data_dir() / "zeroshot"
     unknown = [t for t in tasks if t not in PREPARE]
     if unknown:
-        raise SaapError(f"unknown zero-shot task(s) {', '.join(unknown)} (choose from {', '.join(TASKS)})")
+        raise SaapError(f"unknown zero-shot task(s) {', '.join(unknown)} (choose from {', '.join(PREPARE)})")
     work_dir.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         try:

@@ -214,6 +214,11 @@ def shrink_layer(
     return new_shape
 
 
+def kept_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest-scoring groups, in their original order."""
+    return scores.topk(keep).indices.sort().values
+
+
 def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int, output_bias: bool = False) -> None:
     """Give ``layer`` uninitialised modules of ``shape`` (on the meta device) for a checkpoint load.
 

@@ -6,11 +6,13 @@ import torch
 from pipeline import baselines
 from pipeline.data import calibration_batches
 from pipeline.importance import make_estimator, score_groups
-from pipeline.prune import RATIO_TOLERANCE, PruneSettings, kept_indices, prune, shrink_model
+from pipeline.prune import ALLOCATIONS, RATIO_TOLERANCE, PruneSettings, prune, shrink_model
+from pipeline.prune.budget import parameter_budget
+from pipeline.prune.context import PruneContext, Scored
 from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.errors import SaapError
 from runtime.models import LoadedModel
-from runtime.surgery import LayerShape, layer_parameter_count, layer_shapes, model_parameter_count
+from runtime.surgery import LayerShape, kept_indices, layer_parameter_count, layer_shapes, model_parameter_count
 from tests.conftest import make_model
 
 BASELINES = ["flap", "wanda-sp", "shortgpt", "magnitude", "random"]
@@ -129,7 +131,9 @@ def test_flap_threshold_removes_whole_blocks_and_never_layer_0_attention():
     count = layer_parameter_count
     mlp_block = count(model.config, shapes[1]) - count(model.config, LayerShape(8, 4, 0))
     three_groups = count(model.config, shapes[0]) - count(model.config, LayerShape(2, 1, 512))
-    plan = baselines.threshold_plan(model.config, shapes, scores, mlp_block + three_groups, 8)
+    remove = mlp_block + three_groups
+    ctx = PruneContext(model, shapes, 0, remove, parameter_budget(model.config, remove), 8, None, PruneSettings())
+    plan, _ = ALLOCATIONS["global-threshold"].plan(ctx, Scored(scores))
     assert plan[1].intermediate_size == 0  # a whole MLP block
     assert plan[0].num_key_value_heads == 1  # layer 0: down to one group, never zero
 
@@ -206,8 +210,6 @@ def test_dispatch_with_hooks_on_every_layer_matches(tokenizer, text_file):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"method": "flap", "importance": "magnitude"}, "does not apply"),
-        ({"method": "saap", "importance": "taylor-element"}, "ablation"),
         ({"device_map": "balanced"}, "device-map"),
     ],
 )

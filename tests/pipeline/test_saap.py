@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from pipeline import saap
-from pipeline.prune import PruneSettings, parameters_to_remove, prune
+from pipeline.prune import ALLOCATIONS, PruneSettings, parameters_to_remove, prune
+from pipeline.prune.budget import parameter_budget
+from pipeline.prune.context import PruneContext, Scored
 from runtime.errors import SaapError
 from runtime.models import LoadedModel
 from runtime.surgery import (
@@ -102,7 +104,8 @@ def test_adaptive_plan_meets_the_budget_within_one_unit_and_can_drop_a_block():
     fused = saap.FusedScores(groups=groups, per_batch_module={})
     cv = {"attention": [0.0] * 3, "mlp": [0.0] * 3}
     remove = 4 * layer_parameter_count(config, LayerShape(1, 1, 0)) + 3 * 3 * 64 * 16  # a block + a bit
-    plan = saap.adaptive_plan(config, shapes, fused, cv, remove, align=16)
+    ctx = PruneContext(model, shapes, 0, remove, parameter_budget(config, remove), 16, None, PruneSettings())
+    plan, _ = ALLOCATIONS["adaptive"].plan(ctx, Scored(None, extra={"fused": fused, "cv": cv}))
     removed = sum(
         layer_parameter_count(config, a) - layer_parameter_count(config, b) for a, b in zip(shapes, plan, strict=True)
     )
@@ -112,9 +115,9 @@ def test_adaptive_plan_meets_the_budget_within_one_unit_and_can_drop_a_block():
     assert all(s.intermediate_size % 16 == 0 for s in plan)
 
 
-@pytest.mark.parametrize("search", saap.SEARCHES)
+@pytest.mark.parametrize("allocation", ["measured", "uniform-range", "adaptive"])
 @pytest.mark.parametrize("ablation", saap.ABLATIONS)
-def test_saap_prunes_a_tiny_model_to_budget(tokenizer, text_file, search, ablation):
+def test_saap_prunes_a_tiny_model_to_budget(tokenizer, text_file, allocation, ablation):
     model = make_model(heads=8, kv_heads=4, layers=4, intermediate=512, head_dim=8)
     loaded = LoadedModel(model, tokenizer, {"name": "tiny"})
     settings = PruneSettings(
@@ -124,7 +127,7 @@ def test_saap_prunes_a_tiny_model_to_budget(tokenizer, text_file, search, ablati
         calibration=str(text_file),
         num_samples=4,
         seq_len=16,
-        search=search,
+        allocation=allocation,
         ablation=ablation,
     )
     record = prune(loaded, settings, progress=False)

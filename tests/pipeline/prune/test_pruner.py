@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pipeline.prune import PruneSettings, kept_indices, llm_pruner_layer_range, prune, shrink_model, uniform_plan
+from pipeline.prune import PruneSettings, llm_pruner_layer_range, prune, shrink_model, uniform_plan
 from runtime.errors import SaapError
 from runtime.models import LoadedModel
-from runtime.surgery import head_dim, layer_shapes, model_parameter_count
+from runtime.surgery import head_dim, kept_indices, layer_shapes, model_parameter_count
 from tests.conftest import make_model
 
 
@@ -79,6 +79,12 @@ def test_prune_end_to_end_on_a_tiny_model(tokenizer, text_file, importance):
         ({"method": "obs"}, "unknown method"),
         ({"method": "llm-pruner", "importance": "hessian"}, "unknown importance"),
         ({"align": 0}, "align"),
+        ({"allocation": "best"}, "unknown allocation"),
+        ({"importance": "block-influence"}, "scores whole layers"),
+        ({"allocation": "whole-layers"}, "needs --importance block-influence"),
+        ({"method": "llm-pruner", "allocation": "adaptive"}, "needs --importance saap-fused"),
+        ({"method": "flap", "importance": "magnitude"}, "add --no-bias-compensation"),
+        ({"search_passes": 0}, "search-passes"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):

@@ -1,0 +1,34 @@
+"""``--method`` presets: each method is a named pair of an importance and an allocation.
+
+Importance decides *which* groups go inside a module (``pipeline.prune.importance``); allocation
+decides *how many* go from each layer and module (``pipeline.prune.allocation``). A compensation,
+where a method has one, adjusts the kept weights for what was removed. ``--importance`` and
+``--allocation`` override either half of a preset, so an ablation is a flag, not a new method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    importance: str
+    allocation: str
+    compensation: str | None = None
+
+
+METHODS: dict[str, Preset] = {
+    # LLM-Pruner (Ma et al. 2023): element-wise first-order Taylor, one ratio in a middle layer range.
+    "llm-pruner": Preset("taylor-element", "uniform-range"),
+    "magnitude": Preset("magnitude", "uniform-range"),
+    "random": Preset("random", "uniform-range"),
+    # The FLAP repository's structured Wanda: one ratio in every layer.
+    "wanda-sp": Preset("wanda-sp", "uniform-all-layers"),
+    # FLAP (An et al. 2024): fluctuation metric, one global threshold, bias compensation.
+    "flap": Preset("flap", "global-threshold", compensation="flap-bias"),
+    # ShortGPT (Men et al. 2024): whole layers in ascending block influence.
+    "shortgpt": Preset("block-influence", "whole-layers"),
+    # SAAP: fused uncertainty-weighted Taylor ranking, depth and width allocated on measured KL.
+    "saap": Preset("saap-fused", "measured"),
+}

@@ -1,0 +1,108 @@
+"""``PruneSettings``: how ``saap prune`` prunes (its flags and the run config's ``prune:`` section are
+derived from these fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.data import DEFAULT_CALIBRATION
+from pipeline.options import option
+from pipeline.prune.allocation import ALLOCATIONS
+from pipeline.prune.compensation import COMPENSATIONS
+from pipeline.prune.importance import IMPORTANCES
+from pipeline.prune.methods import METHODS
+from pipeline.saap import ABLATIONS
+from runtime.errors import SaapError
+
+DEVICE_MAPS = ("auto",)
+
+
+@dataclass
+class PruneSettings:
+    method: str = option("saap", "pruning method: a preset of an importance and an allocation", choices=sorted(METHODS))
+    ratio: float | None = option(None, "fraction of all parameters to remove, in (0, 0.9] (default 0.2)")
+    target_params: int | None = option(None, "budget as parameters to keep (instead of --ratio)")
+    target_decode_bytes: int | None = option(None, "budget as float32 weight bytes read per generated token")
+    align: int = option(32, "kept MLP widths and q-head widths are multiples of this")
+    importance: str | None = option(
+        None, "which groups go inside a module (default: the method's)", choices=sorted(IMPORTANCES)
+    )
+    allocation: str | None = option(
+        None, "how many go from each layer (default: the method's)", choices=sorted(ALLOCATIONS)
+    )
+    calibration: str = option(DEFAULT_CALIBRATION, "text/jsonl/json calibration file")
+    num_samples: int = option(32, "calibration sequences")
+    seq_len: int = option(128, "tokens per calibration sequence")
+    # Gradients accumulate across batches; 1 keeps peak memory lowest (and SAAP's statistics per sample).
+    batch_size: int = option(1, "calibration sequences per backward pass (memory)")
+    seed: int = option(0, "random seed (random importance, calibration sample order)")
+    ablation: str = option("fused", "saap-fused importance: which Taylor metrics", choices=ABLATIONS)
+    fluctuation_weight: float = option(1.0, "adaptive allocation: lambda in priority x (1 + lambda x CV)")
+    # Search size: cost grows linearly in each (benchmarks/prune_cost.py); a second pass, re-measured
+    # at the first plan, gave a plan of higher calibration KL and dev perplexity (benchmarks/saap_ablation.py).
+    search_samples: int = option(8, "measured allocation: calibration sequences the KL is measured on")
+    search_passes: int = option(1, "measured allocation: measure-and-solve passes (2+: re-measured at the plan)")
+    width_levels: int = option(4, "measured allocation: MLP widths measured per layer (others interpolated)")
+    bias_compensation: bool = option(True, "flap: fold the removed channels' mean output into o_proj/down_proj biases")
+    device_map: str | None = option(
+        None, "spread the model over all devices for estimation (accelerate)", choices=DEVICE_MAPS
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise SaapError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
+        self._check_budget()
+        preset = METHODS[self.method]
+        self.importance = self.importance or preset.importance
+        self.allocation = self.allocation or preset.allocation
+        for flag, value, registry in (
+            ("importance", self.importance, IMPORTANCES),
+            ("allocation", self.allocation, ALLOCATIONS),
+        ):
+            if value not in registry:
+                raise SaapError(f"unknown {flag} '{value}' (choose from {', '.join(sorted(registry))})")
+        self._check_pairing()
+        if self.align < 1:
+            raise SaapError(f"--align must be a positive integer, got {self.align}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise SaapError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got '{self.device_map}'")
+        if self.ablation not in ABLATIONS:
+            raise SaapError(f"--ablation is one of {', '.join(ABLATIONS)}, got '{self.ablation}'")
+        if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise SaapError("--num-samples, --seq-len and --batch-size must be positive")
+        if min(self.search_samples, self.search_passes, self.width_levels) < 1:
+            raise SaapError("--search-samples, --search-passes and --width-levels must be positive")
+
+    def _check_pairing(self) -> None:
+        """An importance and an allocation (and compensation) that can work together."""
+        allocation, importance = ALLOCATIONS[self.allocation], IMPORTANCES[self.importance]
+        if allocation.needs_importance and self.importance not in allocation.needs_importance:
+            needs = " or ".join(allocation.needs_importance)
+            raise SaapError(f"--allocation {self.allocation} needs --importance {needs}, got '{self.importance}'")
+        if not importance.ranks_groups and not allocation.needs_importance:
+            raise SaapError(f"--importance {self.importance} scores whole layers: use --allocation whole-layers")
+        compensation = COMPENSATIONS.get(self.compensation)
+        if compensation and self.importance not in compensation.needs_importance:
+            raise SaapError(
+                f"{self.method}'s bias compensation reads --importance {' or '.join(compensation.needs_importance)}"
+                f" statistics, got '{self.importance}' (add --no-bias-compensation)"
+            )
+
+    def _check_budget(self) -> None:
+        budgets = [b for b in (self.ratio, self.target_params, self.target_decode_bytes) if b is not None]
+        if len(budgets) > 1:
+            raise SaapError("give one budget: --ratio, --target-params or --target-decode-bytes")
+        if not budgets:
+            self.ratio = 0.2
+        if self.ratio is not None and not 0 < self.ratio <= 0.9:
+            raise SaapError(f"--ratio must be in (0, 0.9], got {self.ratio}")
+        if any(t is not None and t <= 0 for t in (self.target_params, self.target_decode_bytes)):
+            raise SaapError("--target-params and --target-decode-bytes must be positive")
+
+    @property
+    def compensation(self) -> str | None:
+        return METHODS[self.method].compensation if self.bias_compensation else None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return IMPORTANCES[self.importance].needs_calibration or ALLOCATIONS[self.allocation].needs_calibration
