@@ -94,8 +94,10 @@ def markdown(data: dict) -> str:
         f"128-token windows of the dev text (`{DEV_SET}`, which calibration does not use; defaults are chosen on "
         "it), WikiText-2 (test) and PTB (validation). `fused` = uncertainty-weighted fusion of the "
         "vector- and element-wise Taylor scores (SAAP), `sum` = plain sum of the normalised scores, `vector` / "
-        "`element` = one score alone; `uniform` = one ratio in layers 4–27 (the default), `adaptive` = the global "
-        "search ranked by importance per parameter × (1 + CV), `nofluct` = that search without the fluctuation term. "
+        "`element` = one score alone; `measured` = depth and width allocated on measured calibration KL (the default; "
+        "`2pass`: re-measured at the first plan, `4samples`: KL on 4 sequences instead of 8), `uniform` = one ratio in "
+        "layers 4–27, `adaptive` = the global search ranked by importance per parameter × (1 + CV), `nofluct` = that "
+        "search without the fluctuation term. "
         "w_V share = the vector-wise score's weight / (vector + element weights) in the fused score (attention, MLP).",
         "",
         "| variant | ratio | removed | dev (Wikipedia) | WikiText-2 | PTB | "
