@@ -359,7 +359,7 @@ def real_pruned(tmp_path_factory):
     # The default Taylor importance on a small calibration sample (seconds instead of minutes): the
     # per-layer shapes are those of a default 0.2 prune, which is what the export is about.
     cmd = [sys.executable, "-m", "pipeline.cli", "prune", "--model", "smollm2-135m", "--ratio", "0.2"]
-    cmd += ["--num-samples", "4", "--seq-len", "64"]
+    cmd += ["--num-samples", "4", "--seq-len", "64", "--search-samples", "2"]
     proc = subprocess.run([*cmd, "--out", str(out), "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out

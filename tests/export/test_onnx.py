@@ -350,7 +350,7 @@ def test_overwrite_replaces_an_existing_export(aligned_checkpoint, tmp_path):
 def real_exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("real-onnx")
     # 8 calibration windows instead of 32: the same kind of per-layer pruned model, a quarter of the CPU time.
-    args = ["prune", "--model", "smollm2-135m", "--ratio", "0.2", "--num-samples", "8"]
+    args = ["prune", "--model", "smollm2-135m", "--ratio", "0.2", "--num-samples", "8", "--search-samples", "2"]
     args += ["--out", str(root / "smol-p20"), "--quiet"]
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=PROJECT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
