@@ -18,7 +18,9 @@ def pruned(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real") / "saap-p20"
     cmd = [sys.executable, "-m", "pipeline.cli", "prune", "--model", "smollm2-135m", "--method", "saap"]
     subprocess.run(
-        [*cmd, "--ratio", "0.2", "--num-samples", "4", "--search-samples", "2", "--out", str(out), "--quiet"], cwd=PROJECT, check=True
+        [*cmd, "--ratio", "0.2", "--num-samples", "4", "--search-samples", "2", "--out", str(out), "--quiet"],
+        cwd=PROJECT,
+        check=True,
     )
     return out
 
