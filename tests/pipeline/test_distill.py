@@ -18,7 +18,23 @@ def pruned(hf_dir, text_file, tmp_path, capsys):
     """A tiny GQA model pruned by `saap prune`, so its saap.json records the dense source."""
     out = tmp_path / "pruned"
     args = ["--model", str(hf_dir), "--ratio", "0.278", "--align", "32", "--calibration", str(text_file)]
-    assert main(["prune", *args, "--num-samples", "4", "--seq-len", "16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                *args,
+                "--num-samples",
+                "4",
+                "--seq-len",
+                "16",
+                "--allocation",
+                "uniform-range",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     return out
 
