@@ -40,7 +40,7 @@ from pipeline.importance import GroupScores
 from pipeline.prune.context import PruneContext, Scored
 from pipeline.prune.units import kept_kv_counts
 from runtime.errors import SaapError
-from runtime.surgery import LayerShape, attention_group_index, has_attention, has_mlp, head_dim
+from runtime.surgery import LayerShape, attention_group_index, has_attention, has_mlp, head_dim, kept_indices
 
 DP_STEPS = 4000  # budget resolution of the knapsack: 0.025 % of the budget
 SUPPORT_TOP = 32  # the KL's vocabulary: the union of every position's dense top 32
@@ -100,7 +100,7 @@ class Probe:
         key = (i, module, kept)
         if key not in self._masks:
             scores = self.scores.attention[i] if module == "attention" else self.scores.mlp[i]
-            keep = scores.topk(kept).indices
+            keep = kept_indices(scores, kept)  # the groups slicing keeps
             if module == "attention":  # an attention group is its query heads' o_proj columns
                 keep = attention_group_index(shape, self.hd)[0][keep].flatten()
                 full = shape.num_attention_heads * self.hd
@@ -298,7 +298,7 @@ def measured_plan(ctx: PruneContext, scored: Scored) -> tuple[list[LayerShape], 
             kl = probe.inputs_under(plan)[1]
             passes.append({"kl": round(kl, 6), "changed_layers": len(plan)})
             if best is None or kl < best[0]:
-                best = (kl, plan)
+                best = (kl, plan, len(passes))
     finally:
         bar.close()
         probe.close()
@@ -310,7 +310,7 @@ def measured_plan(ctx: PruneContext, scored: Scored) -> tuple[list[LayerShape], 
     record = {
         "search_samples": len(tokens),
         "passes": passes,
-        "kept_pass": passes.index(next(p for p in passes if p["kl"] == round(best[0], 6))) + 1,
+        "kept_pass": best[2],
         "runs": probe.runs,
         "seconds": round(time.perf_counter() - started, 1),
     }
