@@ -52,10 +52,32 @@ def cmd_prune(args: argparse.Namespace) -> None:
     record = prune(loaded, settings, progress=not args.quiet)
     save_checkpoint(loaded.model, loaded.tokenizer, args.out, record, overwrite=args.overwrite)
     first, last = record["pruned_layers"][0], record["pruned_layers"][1] - 1
+    budget = record["budget"]
+    speed = f", predicted {budget['speedup_predicted']:.2f}x on {budget['engine']}" if "engine" in budget else ""
     print(
         f"pruned {args.model}: {record['params_before']:,} -> {record['params_after']:,} parameters "
-        f"({record['ratio_achieved']:.1%} removed, layers {first}-{last}) "
+        f"({record['ratio_achieved']:.1%} removed, layers {first}-{last}{speed}) "
         f"in {record['prune_seconds']:.0f}s -> {args.out}"
+    )
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from pipeline.profile import EngineSpec, default_path, fit_profile
+    from runtime.models import load_model_config
+
+    spec = EngineSpec.parse(args.engine)
+    if args.repeats < 1:
+        raise SaapError("--repeats must be at least 1")
+    out = Path(args.out) if args.out else default_path(load_model_config(args.model), spec)
+    profile = fit_profile(args.model, spec, args.threads, args.repeats, progress=not args.quiet)
+    profile.save(out)
+    c = profile.cost
+    print(f"{'probe':>17}  measured ms  fitted ms")
+    for p in profile.points:
+        print(f"{p['probe']:>17}  {p['ms']:11.3f}  {p['fitted_ms']:9.3f}")
+    print(
+        f"{spec}: {c.fixed_ms:.3f} ms fixed + {c.attention_ms:.3f} ms per attention block + {c.mlp_ms:.3f} ms per "
+        f"MLP block + {c.ms_per_mparam:.4f} ms per million layer parameters -> {out}"
     )
 
 
@@ -336,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
+
+    from pipeline.profile import PROBE_REPEATS
+
+    p = verbs.add_parser("profile", help="fit a decode cost model of an engine on this machine (speed budgets)")
+    _add_model(p)
+    p.add_argument("--engine", required=True, help="ENGINE[:QUANT][@DEVICE], e.g. gguf:q8_0, onnx:fp32, torch@cuda")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--repeats", type=int, default=PROBE_REPEATS, help="measured decode runs per probe (median)")
+    p.add_argument("--out", help="profile JSON (default: where saap prune --engine looks, in the cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_profile)
 
     from pipeline.run import STAGES
 

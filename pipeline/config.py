@@ -121,8 +121,9 @@ def check_semantics(config: RunConfig, name: str) -> None:
         raise SaapError(f"{name}: {key}: {message}")
 
     prune = config.prune
+    budgets = ("ratio", "target_params", "target_decode_bytes", "target_speedup", "target_tok_s")
     budget_key = next(
-        (f"prune.{k}" for k in ("ratio", "target_params", "target_decode_bytes") if getattr(prune, k) is not None),
+        (f"prune.{k}" for k in budgets if getattr(prune, k) is not None),
         "prune.ratio",
     )
     try:

@@ -25,6 +25,7 @@ class Budget:
     remove: float
     unit: str
     saved: Callable[[int, LayerShape, LayerShape], float]
+    record: dict = field(default_factory=dict)  # saap.json's "budget" (a speed budget's profile and targets)
 
 
 @dataclass

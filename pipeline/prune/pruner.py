@@ -19,9 +19,9 @@ from torch import nn
 from pipeline.data import calibration_batches, resolve_data_file
 from pipeline.importance import GroupScores
 from pipeline.prune.allocation import ALLOCATIONS
-from pipeline.prune.budget import DTYPE_BYTES, parameter_budget, parameters_to_remove
+from pipeline.prune.budget import DTYPE_BYTES, parameter_budget, parameters_to_remove, speed_budget
 from pipeline.prune.compensation import COMPENSATIONS
-from pipeline.prune.context import PruneContext
+from pipeline.prune.context import Budget, PruneContext
 from pipeline.prune.importance import IMPORTANCES
 from pipeline.prune.settings import PruneSettings
 from runtime.checkpoint import sha256_file
@@ -72,12 +72,15 @@ def gather(model: nn.Module) -> None:
     model.to("cpu")
 
 
-def check_budget(config, shapes: list[LayerShape], total: int, settings: PruneSettings) -> int:
-    """Parameters to remove; raises SaapError for a budget the allocation cannot meet. Needs only
-    the config, so ``saap run`` checks budgets before any work, and ``prune`` before the gradients."""
+def check_budget(config, shapes: list[LayerShape], total: int, settings: PruneSettings) -> Budget:
+    """What to remove; raises SaapError for a budget the allocation cannot meet. Needs only the
+    config (and a speed budget's profile), so ``saap run`` checks budgets before any work, and
+    ``prune`` before the gradients."""
+    if settings.speed_budget:
+        return speed_budget(config, shapes, settings)
     remove = parameters_to_remove(config, shapes, total, settings)
     ALLOCATIONS[settings.allocation].check(config, shapes, remove, total, settings.align)
-    return remove
+    return parameter_budget(config, remove)
 
 
 def shrink_model(model: nn.Module, scores: GroupScores, plan: list[LayerShape]) -> None:
@@ -111,15 +114,15 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
     model, config = loaded.model, loaded.model.config
     started = time.perf_counter()
     shapes, total = layer_shapes(config), model_parameter_count(model)
-    remove = check_budget(config, shapes, total, settings)
+    budget = check_budget(config, shapes, total, settings)
     importance, allocation = IMPORTANCES[settings.importance], ALLOCATIONS[settings.allocation]
     compensation = COMPENSATIONS[settings.compensation] if settings.compensation else None
-    if compensation:
-        remove += compensation.extra_params(config, shapes)
+    if compensation:  # only parameter budgets pair with one (settings check)
+        budget = parameter_budget(config, int(budget.remove) + compensation.extra_params(config, shapes))
         compensation.prepare(config)
+    remove = int(budget.remove) if budget.unit == "parameters" else 0
     batches, data = calibration(loaded, settings)
-    ctx = PruneContext(model, shapes, total, remove, parameter_budget(config, remove), settings.align, batches,
-                       settings, progress)  # fmt: skip
+    ctx = PruneContext(model, shapes, total, remove, budget, settings.align, batches, settings, progress)
     record: dict = {"device_map": dispatch(model, settings.device_map)} if settings.device_map else {}
     try:
         scored = importance.score(ctx)
@@ -139,6 +142,7 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
         "calibration": data,
         "pruned_layers": [layers.start, layers.stop],
         **shape_record(config, shapes, total, model_parameter_count(model), remove),
+        "budget": budget_record(budget, config),
         **record,
         **scored.record,
         **planned,
@@ -146,11 +150,23 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
     }
 
 
+def budget_record(budget: Budget, config) -> dict:
+    """The budget as saap.json records it; a speed budget adds its prediction for the pruned shapes."""
+    record = dict(budget.record)
+    if budget.unit != "parameters":
+        from pipeline.profile import CostModel
+
+        pruned_ms = CostModel(**record["cost_model"]).predict_ms(config, layer_shapes(config))
+        record |= {"pruned_ms_predicted": round(pruned_ms, 4),
+                   "speedup_predicted": round(record["dense_ms_predicted"] / pruned_ms, 4)}  # fmt: skip
+    return record
+
+
 def shape_record(config, before: list[LayerShape], total_before: int, total_after: int, remove: int) -> dict:
     """The budget and shapes part of saap.json, shared with the torch-pruning reference."""
     after = layer_shapes(config)
     return {
-        "ratio_requested": remove / total_before,
+        "ratio_requested": remove / total_before if remove else None,  # None: a speed budget
         "ratio_achieved": 1 - total_after / total_before,
         "params_before": total_before,
         "params_after": total_after,

@@ -23,6 +23,10 @@ class PruneSettings:
     ratio: float | None = option(None, "fraction of all parameters to remove, in (0, 0.9] (default 0.2)")
     target_params: int | None = option(None, "budget as parameters to keep (instead of --ratio)")
     target_decode_bytes: int | None = option(None, "budget as float32 weight bytes read per generated token")
+    target_speedup: float | None = option(None, "budget as a decode speed-up on --engine (its saap profile)")
+    target_tok_s: float | None = option(None, "budget as decode tokens/s on --engine (its saap profile)")
+    engine: str | None = option(None, "speed budgets: ENGINE[:QUANT][@DEVICE], e.g. gguf:q8_0, onnx:fp32, torch")
+    profile: str | None = option(None, "speed budgets: a saap profile JSON (default: the one saap profile stored)")
     align: int = option(32, "kept MLP widths and q-head widths are multiples of this")
     importance: str | None = option(
         None, "which groups go inside a module (default: the method's)", choices=sorted(IMPORTANCES)
@@ -62,6 +66,9 @@ class PruneSettings:
             if value not in registry:
                 raise SaapError(f"unknown {flag} '{value}' (choose from {', '.join(sorted(registry))})")
         self._check_pairing()
+        if self.speed_budget and not ALLOCATIONS[self.allocation].any_budget:
+            fits = ", ".join(sorted(n for n, a in ALLOCATIONS.items() if a.any_budget))
+            raise SaapError(f"--allocation {self.allocation} meets parameter budgets only; a speed budget needs {fits}")
         if self.align < 1:
             raise SaapError(f"--align must be a positive integer, got {self.align}")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
@@ -89,15 +96,31 @@ class PruneSettings:
             )
 
     def _check_budget(self) -> None:
-        budgets = [b for b in (self.ratio, self.target_params, self.target_decode_bytes) if b is not None]
-        if len(budgets) > 1:
-            raise SaapError("give one budget: --ratio, --target-params or --target-decode-bytes")
-        if not budgets:
+        budgets = (self.ratio, self.target_params, self.target_decode_bytes, self.target_speedup, self.target_tok_s)
+        if sum(b is not None for b in budgets) > 1:
+            raise SaapError(
+                "give one budget: --ratio, --target-params, --target-decode-bytes, --target-speedup or --target-tok-s"
+            )
+        if all(b is None for b in budgets):
             self.ratio = 0.2
         if self.ratio is not None and not 0 < self.ratio <= 0.9:
             raise SaapError(f"--ratio must be in (0, 0.9], got {self.ratio}")
-        if any(t is not None and t <= 0 for t in (self.target_params, self.target_decode_bytes)):
-            raise SaapError("--target-params and --target-decode-bytes must be positive")
+        if any(t is not None and t <= 0 for t in (self.target_params, self.target_decode_bytes, self.target_tok_s)):
+            raise SaapError("--target-params, --target-decode-bytes and --target-tok-s must be positive")
+        if self.target_speedup is not None and self.target_speedup <= 1:
+            raise SaapError(f"--target-speedup must be above 1, got {self.target_speedup}")
+        if self.speed_budget and self.engine is None and self.profile is None:
+            raise SaapError("a speed budget needs --engine (its stored saap profile) or --profile FILE")
+        if not self.speed_budget and (self.engine or self.profile):
+            raise SaapError("--engine and --profile go with --target-speedup or --target-tok-s")
+        if self.engine is not None:
+            from pipeline.profile import EngineSpec
+
+            EngineSpec.parse(self.engine)  # a bad spec fails before any work
+
+    @property
+    def speed_budget(self) -> bool:
+        return self.target_speedup is not None or self.target_tok_s is not None
 
     @property
     def compensation(self) -> str | None:
