@@ -126,17 +126,17 @@ def markdown(data: dict, engines: list[str]) -> str:
         "every engine, interleaved, 64 decode steps after a 128-token prompt; speed-ups are medians of per-repeat "
         "pruned / dense decode tok/s.",
         "",
-        "## Cost models (ms per token = fixed + per attention block + per MLP block + per million layer parameters)",
+        "## Cost models (ms per token = fixed + per attention block + per MLP block + per KV group + per Mparam)",
         "",
-        "| engine | fixed ms | attention ms | MLP ms | ms / Mparam | dense measured ms | largest fit error |",
-        "|---|---|---|---|---|---|---|",
+        "| engine | fixed ms | attention ms | MLP ms | KV group ms | ms / Mparam | dense measured ms | worst fit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for engine, cell in data["cells"].items():
         c, points = cell["profile"]["cost"], cell["profile"]["points"]
         worst = max(abs(p["fitted_ms"] / p["ms"] - 1) for p in points)
         lines.append(
             f"| {engine} | {c['fixed_ms']:.3f} | {c['attention_ms']:.3f} | {c['mlp_ms']:.3f} | "
-            f"{c['ms_per_mparam']:.4f} | {points[0]['ms']:.2f} | {worst:.1%} |"
+            f"{c['kv_group_ms']:.4f} | {c['ms_per_mparam']:.4f} | {points[0]['ms']:.2f} | {worst:.1%} |"
         )
     lines += [
         "",

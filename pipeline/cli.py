@@ -76,8 +76,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
     for p in profile.points:
         print(f"{p['probe']:>17}  {p['ms']:11.3f}  {p['fitted_ms']:9.3f}")
     print(
-        f"{spec}: {c.fixed_ms:.3f} ms fixed + {c.attention_ms:.3f} ms per attention block + {c.mlp_ms:.3f} ms per "
-        f"MLP block + {c.ms_per_mparam:.4f} ms per million layer parameters -> {out}"
+        f"{spec}: {c.fixed_ms:.3f} ms fixed + {c.attention_ms:.3f} per attention block + {c.mlp_ms:.3f} per MLP "
+        f"block + {c.kv_group_ms:.4f} per KV group + {c.ms_per_mparam:.4f} per million layer parameters -> {out}"
     )
 
 

@@ -7,10 +7,13 @@ differ in the mix: llama.cpp's fixed costs are near zero, ONNX Runtime's are ~25
 torch on a GPU is almost all fixed cost. So the model is
 
     ms per token = fixed + attention_ms x (layers with attention) + mlp_ms x (layers with an MLP)
-                   + ms_per_mparam x (decoder-layer parameters / 1e6)
+                   + kv_group_ms x (KV groups, all layers) + ms_per_mparam x (decoder-layer parameters / 1e6)
 
-(the embedding and output projection are in ``fixed``: pruning never changes them). It is fitted by
-least squares, the three slopes held non-negative, on decode times that ``saap bench`` measures,
+(the embedding and output projection are in ``fixed``: pruning never changes them). A KV group
+costs more than its weights: its KV cache is read and its attention scores computed every token
+(measured: a profile without the term under-predicted what fewer KV groups save by 4 %, on llama.cpp
+and ONNX Runtime alike). It is fitted by least squares, the four slopes held non-negative, on decode
+times that ``saap bench`` measures,
 interleaved, for the model and a few *shape probes* of it: every MLP at half width, every layer at
 its fewest KV groups, and every other layer without attention, without its MLP, or removed whole.
 The probes' weights are the model's own, sliced (decode speed does not depend on their values).
@@ -77,16 +80,18 @@ class CostModel:
     fixed_ms: float
     attention_ms: float
     mlp_ms: float
+    kv_group_ms: float
     ms_per_mparam: float
 
     def predict_features(self, row: list[float]) -> float:
-        """ms per token from ``features(...)``' four regressors."""
-        return float(np.dot([self.fixed_ms, self.attention_ms, self.mlp_ms, self.ms_per_mparam], row))
+        """ms per token from ``features(...)``' five regressors."""
+        return float(np.dot(list(asdict(self).values()), row))
 
     def layer_ms(self, config, shape: LayerShape) -> float:
         return (
             self.attention_ms * (shape.num_key_value_heads > 0)
             + self.mlp_ms * (shape.intermediate_size > 0)
+            + self.kv_group_ms * shape.num_key_value_heads
             + self.ms_per_mparam * layer_parameter_count(config, shape) / 1e6
         )
 
@@ -95,27 +100,29 @@ class CostModel:
 
 
 def features(config, shapes: list[LayerShape]) -> list[float]:
-    """The cost model's regressors for one model: 1, attention blocks, MLP blocks, layer Mparams."""
+    """The cost model's regressors for one model: 1, attention blocks, MLP blocks, KV groups, layer Mparams."""
     return [
         1.0,
         float(sum(s.num_key_value_heads > 0 for s in shapes)),
         float(sum(s.intermediate_size > 0 for s in shapes)),
+        float(sum(s.num_key_value_heads for s in shapes)),
         sum(layer_parameter_count(config, s) for s in shapes) / 1e6,
     ]
 
 
 def fit(rows: list[list[float]], ms: list[float]) -> CostModel:
-    """Least squares with the three slopes >= 0 (the intercept is free): every subset of the slopes
-    is fitted and the best non-negative fit kept, which is exact for three of them."""
+    """Least squares with the slopes >= 0 (the intercept is free): every subset of the slopes is
+    fitted and the best non-negative fit kept (exact, and cheap for four slopes)."""
     x, y = np.asarray(rows, float), np.asarray(ms, float)
+    slopes = range(1, x.shape[1])
     best: tuple[float, np.ndarray] | None = None
-    for k in range(4):
-        for subset in itertools.combinations((1, 2, 3), k):
+    for k in range(len(slopes) + 1):
+        for subset in itertools.combinations(slopes, k):
             columns = [0, *subset]
             coef, *_ = np.linalg.lstsq(x[:, columns], y, rcond=None)
             if (coef[1:] < 0).any():
                 continue
-            full = np.zeros(4)
+            full = np.zeros(x.shape[1])
             full[columns] = coef
             error = float(((x @ full - y) ** 2).sum())
             if best is None or error < best[0] - 1e-12:
@@ -137,7 +144,8 @@ def _every_other(change: Callable[[LayerShape], LayerShape]):
     return lambda shapes, align: [change(s) if i % 2 else s for i, s in enumerate(shapes)]
 
 
-# name -> the probe's shapes from the model's; together they separate the four coefficients
+# name -> the probe's shapes from the model's: the first five separate the five coefficients, and the
+# sixth (every other layer removed whole) is their sum, which checks that block costs add up
 PROBES: dict[str, Callable[[list[LayerShape], int], list[LayerShape]]] = {
     "dense": lambda shapes, align: list(shapes),
     "mlp-half-width": _halve_mlp,

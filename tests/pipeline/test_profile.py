@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -43,11 +44,11 @@ def test_engine_specs_parse_with_defaults_and_refuse_what_no_engine_runs():
             EngineSpec.parse(bad)
 
 
-def test_the_probes_separate_the_four_coefficients_and_the_fit_recovers_them():
+def test_the_probes_separate_the_five_coefficients_and_the_fit_recovers_them():
     config = make_model(heads=4, kv_heads=2, layers=6, intermediate=64).config
     rows = probe_rows(config)
-    assert np.linalg.matrix_rank(np.asarray(rows)) == 4
-    true = CostModel(fixed_ms=2.0, attention_ms=0.3, mlp_ms=0.1, ms_per_mparam=7.0)
+    assert np.linalg.matrix_rank(np.asarray(rows)) == 5
+    true = CostModel(fixed_ms=2.0, attention_ms=0.3, mlp_ms=0.1, kv_group_ms=0.05, ms_per_mparam=7.0)
     ms = [true.predict_features(r) for r in rows]
     assert fit(rows, ms) == pytest.approx(true)  # dataclass equality, coefficient by coefficient
     assert true.predict_ms(config, layer_shapes(config)) == pytest.approx(ms[0])
@@ -56,14 +57,14 @@ def test_the_probes_separate_the_four_coefficients_and_the_fit_recovers_them():
 def test_the_fit_keeps_slopes_non_negative():
     config = make_model(heads=4, kv_heads=2, layers=6, intermediate=64).config
     rows = probe_rows(config)
-    ms = [5.0 - 0.05 * r[1] + 300.0 * r[3] for r in rows]  # attention blocks "save" time: noise, not physics
+    ms = [5.0 - 0.05 * r[1] + 300.0 * r[4] for r in rows]  # attention blocks "save" time: noise, not physics
     cost = fit(rows, ms)
     assert cost.attention_ms == 0 and cost.ms_per_mparam > 0 and cost.mlp_ms >= 0
 
 
 def test_a_profile_round_trips_and_belongs_to_its_model_shape(tmp_path):
     config = make_model(heads=4, kv_heads=2, layers=3).config
-    profile = make_profile(config, CostModel(1.0, 0.1, 0.1, 2.0))
+    profile = make_profile(config, CostModel(1.0, 0.1, 0.1, 0.0, 2.0))
     profile.save(tmp_path / "p.json")
     assert Profile.load(tmp_path / "p.json") == profile
     other = make_model(heads=4, kv_heads=2, layers=4).config
@@ -97,7 +98,7 @@ def speed_prune(tokenizer, text_file, tmp_path, cost: CostModel, speedup: float)
 
 
 def test_a_speed_budget_is_met_on_the_profiles_prediction(tokenizer, text_file, tmp_path):
-    model, record = speed_prune(tokenizer, text_file, tmp_path, CostModel(0.5, 0.2, 0.2, 4.0), 1.4)
+    model, record = speed_prune(tokenizer, text_file, tmp_path, CostModel(0.5, 0.2, 0.2, 0.01, 4.0), 1.4)
     budget = record["budget"]
     assert budget["engine"] == "gguf:q8_0" and budget["unit"] == "ms per token"
     assert 1.4 <= budget["speedup_predicted"] <= 1.45
@@ -110,7 +111,7 @@ def test_a_speed_budget_is_met_on_the_profiles_prediction(tokenizer, text_file, 
 
 def test_where_only_fixed_costs_count_the_search_removes_whole_blocks(tokenizer, text_file, tmp_path):
     """No saving from width (ms_per_mparam 0): narrowing a module buys nothing, so none is narrowed."""
-    model, record = speed_prune(tokenizer, text_file, tmp_path, CostModel(0.5, 1.0, 1.0, 0.0), 1.5)
+    model, record = speed_prune(tokenizer, text_file, tmp_path, CostModel(0.5, 1.0, 1.0, 0.0, 0.0), 1.5)
     dense = LayerShape(8, 4, 256)
     for shape in layer_shapes(model.config):
         assert shape.num_key_value_heads in (0, dense.num_key_value_heads)
@@ -140,10 +141,10 @@ def test_bad_speed_budgets_are_refused(kwargs, message):
 def test_a_requirement_met_already_or_out_of_reach_is_refused(tokenizer, text_file, tmp_path):
     with pytest.raises(SaapError, match="already met"):
         model = make_model(heads=8, kv_heads=4, layers=4, intermediate=256, head_dim=8)
-        make_profile(model.config, CostModel(1.0, 0.1, 0.1, 1.0)).save(tmp_path / "p.json")
+        make_profile(model.config, CostModel(1.0, 0.1, 0.1, 0.0, 1.0)).save(tmp_path / "p.json")
         prune(LoadedModel(model, tokenizer, {}), PruneSettings(target_tok_s=1.0, profile=str(tmp_path / "p.json")))
     with pytest.raises(SaapError, match="unreachable"):
-        speed_prune(tokenizer, text_file, tmp_path, CostModel(5.0, 0.1, 0.1, 1.0), 3.0)
+        speed_prune(tokenizer, text_file, tmp_path, CostModel(5.0, 0.1, 0.1, 0.0, 1.0), 3.0)
 
 
 def test_fit_profile_measures_the_probes_on_torch(tmp_path, tokenizer, monkeypatch):
@@ -155,7 +156,7 @@ def test_fit_profile_measures_the_probes_on_torch(tmp_path, tokenizer, monkeypat
     profile = fit_profile(str(tmp_path / "tiny"), EngineSpec.parse("torch"), threads=1, repeats=1, progress=False)
     assert [p["probe"] for p in profile.points] == list(PROBES)
     assert all(p["ms"] > 0 for p in profile.points)
-    assert min(profile.cost.attention_ms, profile.cost.mlp_ms, profile.cost.ms_per_mparam) >= 0
+    assert all(v >= 0 for k, v in asdict(profile.cost).items() if k != "fixed_ms")  # the slopes
     out = default_path(model.config, EngineSpec.parse("torch"))
     profile.save(out)
     assert find_profile(model.config, "torch", None) == profile
