@@ -101,7 +101,8 @@ def main() -> None:
         cell["within_tolerance"] = own is not None and abs(own["median"] / args.speedup - 1) <= TOLERANCE
 
     data = {
-        "regenerate": f"python benchmarks/speed_budget.py --engines {' '.join(args.engines)} --speedup {args.speedup}",
+        "regenerate": f"python benchmarks/speed_budget.py --engines {' '.join(args.engines)} --speedup {args.speedup}"
+        f" --repeats {args.repeats}",
         "model": args.model,
         "speedup_required": args.speedup,
         "tolerance": TOLERANCE,

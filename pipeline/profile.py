@@ -231,25 +231,52 @@ def find_profile(config, engine: str | None, path: str | None) -> Profile:
     return profile
 
 
-def probe_checkpoints(model_spec: str, out_dir: Path, align: int = 32) -> dict[str, list[LayerShape]]:
-    """Save each probe of ``model_spec`` as a checkpoint ``out_dir/<probe>``; their shapes."""
+def probe_checkpoints(model_spec: str, out_dir: Path, spec: EngineSpec, progress: bool = True):
+    """Save each probe of ``model_spec`` as a checkpoint ``out_dir/<probe>`` and export it for ``spec``
+    (the bench measures the exports as given); returns the probes' shapes and the export paths."""
+    from tqdm.auto import tqdm
+
     from pipeline.baselines import empty_scores
+    from pipeline.bench.settings import ENGINE_FORMATS
     from pipeline.prune.pruner import shrink_model
+    from pipeline.prune.settings import PruneSettings
     from runtime.checkpoint import save_checkpoint
     from runtime.models import load_model
 
     loaded = load_model(model_spec)
-    shapes = layer_shapes(loaded.model.config)
+    shapes, align = layer_shapes(loaded.model.config), PruneSettings.__dataclass_fields__["align"].default
     if any(s != shapes[0] for s in shapes):
         raise SaapError(f"saap profile needs a dense model (equal layer shapes), and '{model_spec}' is pruned")
-    probes = {}
-    for name, make in PROBES.items():
+    export = EXPORTERS.get(ENGINE_FORMATS[spec.engine])
+    probes, exports = {}, []
+    for name, make in tqdm(PROBES.items(), desc="profile probes", unit="probe", disable=not progress):
         model = copy.deepcopy(loaded.model)
         probes[name] = make(shapes, align)
         shrink_model(model, empty_scores(model), probes[name])
         save_checkpoint(model, loaded.tokenizer, out_dir / name, {"kind": "profile-probe", "probe": name})
         del model
-    return probes
+        if export:
+            exports.append(export(out_dir / name, spec.quant))
+    return probes, exports
+
+
+def _gguf(checkpoint: Path, quant: str) -> str:
+    from export.gguf import export_gguf
+
+    export_gguf(checkpoint, checkpoint.with_suffix(".gguf"), quant, progress=False)
+    return str(checkpoint.with_suffix(".gguf"))
+
+
+def _onnx(checkpoint: Path, precision: str) -> str:
+    from export.onnx import export_onnx
+
+    out = checkpoint.with_name(checkpoint.name + "-onnx")
+    export_onnx(checkpoint, out, precision, progress=False)
+    return str(out)
+
+
+# artifact format -> export of a probe checkpoint (torch runs the checkpoint itself)
+EXPORTERS: dict[str, Callable[[Path, str], str]] = {"gguf": _gguf, "onnx": _onnx}
 
 
 def fit_profile(
@@ -261,8 +288,7 @@ def fit_profile(
 
     config = load_model_config(model_spec)
     with tempfile.TemporaryDirectory(prefix="saap-profile-") as tmp:
-        probes = probe_checkpoints(model_spec, Path(tmp))
-        exports = _export_probes(Path(tmp), spec, progress)
+        probes, exports = probe_checkpoints(model_spec, Path(tmp), spec, progress)
         settings = BenchSettings(
             models=[f"{name}={Path(tmp) / name}" for name in probes],
             engines=[spec.engine],
@@ -290,26 +316,6 @@ def fit_profile(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         command=f"saap profile --model {model_spec} --engine {spec}",
     )
-
-
-def _export_probes(root: Path, spec: EngineSpec, progress: bool) -> list[str]:
-    """The probes exported for ``spec`` (torch runs the checkpoints): the bench measures them as given."""
-    if spec.engine == "torch":
-        return []
-    exports = []
-    for name in PROBES:
-        if spec.engine == "gguf":
-            from export.gguf import export_gguf
-
-            out = root / f"{name}.gguf"
-            export_gguf(root / name, out, spec.quant, progress=False)
-        else:
-            from export.onnx import export_onnx
-
-            out = root / f"{name}-onnx"
-            export_onnx(root / name, out, spec.quant, progress=False)
-        exports.append(str(out))
-    return exports
 
 
 def _points(doc: dict, config, probes: dict[str, list[LayerShape]]) -> list[dict]:
