@@ -55,7 +55,7 @@ def test_defaults_and_flags():
             {"method": "llm-pruner", "ratio": 0.2, "align": 64},
             r"prune\.ratio: --ratio 0\.\d+ is unreachable with --align 64",
         ),
-        ({"target_speedup": 1.5, "profile": "/nonexistent/profile.json"}, r"prune\.target_speedup: profile .* not found"),
+        ({"target_speedup": 1.5, "profile": "/nonexistent/p.json"}, r"prune\.target_speedup: profile .* not found"),
     ],
 )
 def test_impossible_budgets_are_found_before_any_work(hf_dir, prune, message):
