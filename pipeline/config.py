@@ -21,6 +21,7 @@ from pipeline.evaluate import EvalSettings
 from pipeline.finetune import FinetuneSettings
 from pipeline.options import section_model
 from pipeline.prune import PruneSettings
+from pipeline.prune.settings import BUDGETS
 from runtime.errors import SaapError
 
 # The run's own choices where they differ from the verb's (``saap eval`` scores only what it is asked).
@@ -121,9 +122,8 @@ def check_semantics(config: RunConfig, name: str) -> None:
         raise SaapError(f"{name}: {key}: {message}")
 
     prune = config.prune
-    budgets = ("ratio", "target_params", "target_decode_bytes", "target_speedup", "target_tok_s")
     budget_key = next(
-        (f"prune.{k}" for k in budgets if getattr(prune, k) is not None),
+        (f"prune.{k}" for k in BUDGETS if getattr(prune, k) is not None),
         "prune.ratio",
     )
     try:

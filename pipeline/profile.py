@@ -88,26 +88,25 @@ class CostModel:
         return float(np.dot(list(asdict(self).values()), row))
 
     def layer_ms(self, config, shape: LayerShape) -> float:
-        return (
-            self.attention_ms * (shape.num_key_value_heads > 0)
-            + self.mlp_ms * (shape.intermediate_size > 0)
-            + self.kv_group_ms * shape.num_key_value_heads
-            + self.ms_per_mparam * layer_parameter_count(config, shape) / 1e6
-        )
+        return self.predict_features([0.0, *layer_features(config, shape)])  # no fixed part
 
     def predict_ms(self, config, shapes: list[LayerShape]) -> float:
-        return self.fixed_ms + sum(self.layer_ms(config, s) for s in shapes)
+        return self.predict_features(features(config, shapes))
+
+
+def layer_features(config, shape: LayerShape) -> list[float]:
+    """One layer's share of the regressors: attention block, MLP block, KV groups, Mparams."""
+    return [
+        float(shape.num_key_value_heads > 0),
+        float(shape.intermediate_size > 0),
+        float(shape.num_key_value_heads),
+        layer_parameter_count(config, shape) / 1e6,
+    ]
 
 
 def features(config, shapes: list[LayerShape]) -> list[float]:
-    """The cost model's regressors for one model: 1, attention blocks, MLP blocks, KV groups, layer Mparams."""
-    return [
-        1.0,
-        float(sum(s.num_key_value_heads > 0 for s in shapes)),
-        float(sum(s.intermediate_size > 0 for s in shapes)),
-        float(sum(s.num_key_value_heads for s in shapes)),
-        sum(layer_parameter_count(config, s) for s in shapes) / 1e6,
-    ]
+    """The cost model's regressors for one model: 1, then the layers' ``layer_features`` summed."""
+    return [1.0, *np.sum([layer_features(config, s) for s in shapes], axis=0).tolist()]
 
 
 def fit(rows: list[list[float]], ms: list[float]) -> CostModel:

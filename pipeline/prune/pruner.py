@@ -142,7 +142,7 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
         "calibration": data,
         "pruned_layers": [layers.start, layers.stop],
         **shape_record(config, shapes, total, model_parameter_count(model), remove),
-        "budget": budget_record(budget, config),
+        "budget": budget_record(budget, shapes, layer_shapes(config)),
         **record,
         **scored.record,
         **planned,
@@ -150,13 +150,13 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
     }
 
 
-def budget_record(budget: Budget, config) -> dict:
-    """The budget as saap.json records it; a speed budget adds its prediction for the pruned shapes."""
+def budget_record(budget: Budget, before: list[LayerShape], after: list[LayerShape]) -> dict:
+    """The budget as saap.json records it; a speed budget adds its prediction for the pruned shapes
+    (the dense prediction less what every layer's change saves, the same savings the plan met)."""
     record = dict(budget.record)
     if budget.unit != "parameters":
-        from pipeline.profile import CostModel
-
-        pruned_ms = CostModel(**record["cost_model"]).predict_ms(config, layer_shapes(config))
+        saved = sum(budget.saved(i, b, a) for i, (b, a) in enumerate(zip(before, after, strict=True)))
+        pruned_ms = record["dense_ms_predicted"] - saved
         record |= {"pruned_ms_predicted": round(pruned_ms, 4),
                    "speedup_predicted": round(record["dense_ms_predicted"] / pruned_ms, 4)}  # fmt: skip
     return record

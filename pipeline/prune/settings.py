@@ -15,6 +15,8 @@ from pipeline.saap import ABLATIONS
 from runtime.errors import SaapError
 
 DEVICE_MAPS = ("auto",)
+# the budget fields: exactly one is given (--ratio 0.2 when none is)
+BUDGETS = ("ratio", "target_params", "target_decode_bytes", "target_speedup", "target_tok_s")
 
 
 @dataclass
@@ -96,11 +98,10 @@ class PruneSettings:
             )
 
     def _check_budget(self) -> None:
-        budgets = (self.ratio, self.target_params, self.target_decode_bytes, self.target_speedup, self.target_tok_s)
+        budgets = [getattr(self, name) for name in BUDGETS]
         if sum(b is not None for b in budgets) > 1:
-            raise SaapError(
-                "give one budget: --ratio, --target-params, --target-decode-bytes, --target-speedup or --target-tok-s"
-            )
+            flags = ["--" + name.replace("_", "-") for name in BUDGETS]
+            raise SaapError(f"give one budget: {', '.join(flags[:-1])} or {flags[-1]}")
         if all(b is None for b in budgets):
             self.ratio = 0.2
         if self.ratio is not None and not 0 < self.ratio <= 0.9:
