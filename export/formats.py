@@ -9,6 +9,10 @@ from pipeline.options import option
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GGUF_QUANTS = ("f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m")
 DEFAULT_PRECISION = "fp32"  # saap export onnx
+# saap export onnx --graph: fused = ONNX Runtime's contrib ops (export/onnx_fused.py), traced = optimum's
+# trace (export/onnx.py); auto = fused wherever it has the precision (all but fp16)
+ONNX_GRAPHS = ("auto", "fused", "traced")
+DEFAULT_GRAPH = "auto"
 DEFAULT_QUANT = "f16"  # saap export gguf: the default of llama.cpp's own convert_hf_to_gguf.py
 
 

@@ -97,8 +97,8 @@ def byte_level_tokenizer(directory: Path) -> bool:
     return True
 
 
-def write_genai_files(directory: Path, config, generation_config, filename: str) -> None:
-    """``genai_config.json`` beside ``filename`` in ``directory``, and the tokenizer in a form it reads."""
+def write_genai_files(directory: Path, config: dict[str, Any]) -> None:
+    """``genai_config.json`` (``config``, from ``genai_config`` or the fused graph's variant) in
+    ``directory``, and the tokenizer there in a form onnxruntime-genai reads."""
     byte_level_tokenizer(directory)
-    text = json.dumps(genai_config(config, generation_config, filename), indent=2) + "\n"
-    (directory / CONFIG_FILE).write_text(text)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

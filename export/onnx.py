@@ -1,7 +1,10 @@
 """Export a (pruned) Llama model to an ONNX decoder with a KV cache, optionally quantized for ONNX Runtime.
 
-The graph is traced by optimum-onnx's exporter (torch.onnx underneath) with a Llama ONNX config whose
-dummy cache has each layer's own KV-head count, so a pruned model exports as it is: inputs
+Two graph writers (``GRAPHS``): ``fused`` (the default wherever it has the precision: ONNX Runtime's
+GroupQueryAttention / SkipSimplifiedLayerNormalization / MatMulNBits contrib ops, written layer by layer
+in ``export/onnx_fused.py``) and ``traced``, described here. The traced graph comes from optimum-onnx's
+exporter (torch.onnx underneath) with a Llama ONNX config whose dummy cache has each layer's own KV-head
+count, so a pruned model exports as it is: inputs
 ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value`` and outputs
 ``logits``, ``present.{i}.key/value``, with dynamic batch / sequence / past-sequence axes. Optimum's
 stock config assumes one KV-head count for every layer (and cannot load a per-layer checkpoint from
@@ -25,17 +28,20 @@ its top-1 agreement with the fp32 graph on WikiText-2.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.formats import DEFAULT_PRECISION, ONNX_PRECISIONS
-from export.genai import write_genai_files
+from export.formats import DEFAULT_GRAPH, DEFAULT_PRECISION, ONNX_GRAPHS, ONNX_PRECISIONS
+from export.genai import genai_config, write_genai_files
 from runtime.checkpoint import sha256_file
 from runtime.errors import SaapError
 from runtime.io import atomic_dir, write_json_atomic
@@ -55,13 +61,16 @@ def _log(progress: bool, message: str) -> None:
         print(f"[onnx] {message}", file=sys.stderr, flush=True)
 
 
-def _check_arguments(out: Path, precision: str, overwrite: bool) -> None:
+def _check_arguments(out: Path, precision: str, graph: str, overwrite: bool) -> str:
+    """Refuses bad input before any work; returns the graph writer's name (``auto`` resolved)."""
     if precision not in ONNX_PRECISIONS:
         raise SaapError(f"unknown ONNX precision '{precision}' (choose from {', '.join(ONNX_PRECISIONS)})")
+    graph = resolve_graph(graph, precision)
     if not out.parent.is_dir():
         raise SaapError(f"cannot write '{out}': its parent directory '{out.parent}' does not exist")
     if out.exists() and not overwrite:
         raise SaapError(f"output '{out}' already exists (pass --overwrite to replace it)")
+    return graph
 
 
 # --- the fp32 graph -------------------------------------------------------------------------------------
@@ -570,6 +579,100 @@ def top1_agreement(reference: OnnxSession, candidate: OnnxSession, windows: np.n
 # --- the export -----------------------------------------------------------------------------------------
 
 
+def _write_traced(model, precision: str, fp32_path: Path, out_path: Path, progress: bool, timings) -> dict:
+    """optimum's trace at fp32, then (quantized / fp16) this module's converter over that graph."""
+    import onnx
+
+    _log(progress, f"tracing the fp32 graph (optimum-onnx, opset {OPSET})")
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=fp32_path.parent) as stage:
+        _trace(model, Path(stage) / MODEL_FILE)  # optimum writes beside it; only the loaded graph is kept
+        graph = onnx.load(str(Path(stage) / MODEL_FILE))
+    tied = model.config.tie_word_embeddings
+    tied_once = _store_tied_embedding_once(graph, model) if tied else None
+    _save(graph, fp32_path)
+    del graph
+    timings["trace_s"] = round(time.perf_counter() - t, 2)
+    quantization = None
+    if precision != "fp32":
+        _log(progress, f"converting to {precision}")
+        t = time.perf_counter()
+        quantization = CONVERTERS[precision](fp32_path, out_path, tied)
+        timings[f"{precision}_s"] = round(time.perf_counter() - t, 2)
+    return {"tied_embedding_stored_once": tied_once, "quantization": quantization}
+
+
+def _write_fused(model, precision: str, fp32_path: Path, out_path: Path, progress: bool, timings) -> dict:
+    """export/onnx_fused.py's graph, at fp32 (the reference of the checks) and at ``precision``."""
+    from export.onnx_fused import build_fused_graph
+
+    record = {}
+    for target, path in {"fp32": fp32_path, precision: out_path}.items():
+        _log(progress, f"writing the fused {target} graph (GroupQueryAttention, MatMulNBits; opset {OPSET})")
+        t = time.perf_counter()
+        proto = build_fused_graph(model, target)
+        record = json.loads(next(p.value for p in proto.metadata_props if p.key == "saap.fused"))
+        _save(proto, path)
+        del proto
+        timings[f"fused_{target}_s"] = round(time.perf_counter() - t, 2)
+    return {"tied_embedding_stored_once": True if model.config.tie_word_embeddings else None, "fused": record}
+
+
+@dataclass(frozen=True)
+class GraphWriter:
+    """One way to write ``model.onnx``: ``write(model, precision, fp32_path, out_path, progress, timings)``
+    leaves the fp32 graph at ``fp32_path`` and the ``precision`` one at ``out_path`` (the same path for
+    fp32) and returns its part of the record; ``genai_config(model)`` is its genai_config.json."""
+
+    precisions: tuple[str, ...]
+    write: Callable[..., dict]
+    genai_config: Callable[[Any], dict]
+
+
+def _traced_genai_config(model) -> dict:
+    return genai_config(model.config, model.generation_config, MODEL_FILE)
+
+
+def _fused_genai_config(model) -> dict:
+    from export.onnx_fused import fused_genai_config
+
+    return fused_genai_config(model)
+
+
+GRAPHS = {
+    "fused": GraphWriter(("fp32", "int8", "int4"), _write_fused, _fused_genai_config),
+    "traced": GraphWriter(ONNX_PRECISIONS, _write_traced, _traced_genai_config),
+}
+
+
+def resolve_graph(graph: str, precision: str) -> str:
+    """``auto``: the fused graph wherever it has ``precision``, else the traced one; a named graph must have it."""
+    if graph == "auto":
+        return next(name for name, writer in GRAPHS.items() if precision in writer.precisions)
+    if graph not in GRAPHS:
+        raise SaapError(f"unknown ONNX graph '{graph}' (choose from {', '.join(ONNX_GRAPHS)})")
+    if precision not in GRAPHS[graph].precisions:
+        have = ", ".join(GRAPHS[graph].precisions)
+        raise SaapError(f"the {graph} ONNX graph has no {precision} form (it has {have}; --graph traced has all)")
+    return graph
+
+
+def _agreement(reference: OnnxSession, path: Path, tokenizer, windows_count: int, timings) -> dict | None:
+    """Top-1 agreement of the graph at ``path`` with ``reference`` on the first WikiText-2 windows."""
+    windows = agreement_windows(tokenizer, windows_count, AGREEMENT_SEQ_LEN) if windows_count > 0 else None
+    if windows is None:
+        return None
+    t = time.perf_counter()
+    value = top1_agreement(reference, _session(path), windows[0])
+    timings["agreement_s"] = round(time.perf_counter() - t, 2)
+    return {
+        "top1_vs_fp32": round(value, 4),
+        "windows": len(windows[0]),
+        "seq_len": AGREEMENT_SEQ_LEN,
+        "text": "wikitext2 test, first windows",
+    }
+
+
 def _package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -581,6 +684,7 @@ def export_onnx(
     model: str | Path,
     out: str | Path,
     precision: str = DEFAULT_PRECISION,
+    graph: str = DEFAULT_GRAPH,
     overwrite: bool = False,
     progress: bool = True,
     agreement_windows_count: int = AGREEMENT_WINDOWS,
@@ -589,63 +693,39 @@ def export_onnx(
 
     For a quantized precision the report carries the top-1 agreement of its logits with the fp32 graph
     on the first ``agreement_windows_count`` WikiText-2 windows of 128 tokens (when the data set is
-    present; 0 skips it).
+    present; 0 skips it). ``graph`` chooses the writer (``GRAPHS``; ``auto``: see ``resolve_graph``).
     """
-    import onnx
-
     from runtime.models import load_model
 
     started = time.perf_counter()
     out = Path(out).expanduser()
-    _check_arguments(out, precision, overwrite)
+    graph = _check_arguments(out, precision, graph, overwrite)
     _log(progress, f"loading {model}")
     loaded = load_model(str(model))
     torch_model, tokenizer = loaded.model, loaded.tokenizer
     timings: dict[str, float] = {}
 
     with atomic_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp) as stage_dir:
-        stage = Path(stage_dir) / MODEL_FILE
-        _log(progress, f"tracing the fp32 graph (optimum-onnx, opset {OPSET})")
-        t = time.perf_counter()
-        _trace(torch_model, stage)
-        graph = onnx.load(str(stage))
-        tied = torch_model.config.tie_word_embeddings
-        tied_once = _store_tied_embedding_once(graph, torch_model) if tied else None
         fp32_path = tmp / MODEL_FILE if precision == "fp32" else Path(stage_dir) / "fp32" / MODEL_FILE
         fp32_path.parent.mkdir(exist_ok=True)
-        _save(graph, fp32_path)
-        del graph
-        timings["trace_s"] = round(time.perf_counter() - t, 2)
+        written = GRAPHS[graph].write(torch_model, precision, fp32_path, tmp / MODEL_FILE, progress, timings)
 
         fp32_session = _session(fp32_path)
         fp32_diff = max_abs_diff_vs_torch(torch_model, fp32_session)
         _log(progress, f"fp32 graph: max |logits - torch| = {fp32_diff:.2e}")
-
-        quantization, agreement = None, None
+        agreement = None
         if precision != "fp32":
-            _log(progress, f"converting to {precision}")
-            t = time.perf_counter()
-            quantization = CONVERTERS[precision](fp32_path, tmp / MODEL_FILE, tied)
-            timings[f"{precision}_s"] = round(time.perf_counter() - t, 2)
-            windows = agreement_windows(tokenizer, agreement_windows_count, AGREEMENT_SEQ_LEN)
-            if windows is not None and agreement_windows_count > 0:
-                t = time.perf_counter()
-                value = top1_agreement(fp32_session, _session(tmp / MODEL_FILE), windows[0])
-                agreement = {
-                    "top1_vs_fp32": round(value, 4),
-                    "windows": len(windows[0]),
-                    "seq_len": AGREEMENT_SEQ_LEN,
-                    "text": "wikitext2 test, first windows",
-                }
-                timings["agreement_s"] = round(time.perf_counter() - t, 2)
-                _log(progress, f"{precision}: top-1 agreement with fp32 = {value:.1%} over {len(windows[0])} windows")
+            agreement = _agreement(fp32_session, tmp / MODEL_FILE, tokenizer, agreement_windows_count, timings)
+            if agreement is not None:
+                value, n = agreement["top1_vs_fp32"], agreement["windows"]
+                _log(progress, f"{precision}: top-1 agreement with fp32 = {value:.1%} over {n} windows")
         del fp32_session
 
         torch_model.config.save_pretrained(tmp)
         if torch_model.generation_config is not None:
             torch_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_genai_files(tmp, torch_model.config, torch_model.generation_config, MODEL_FILE)
+        write_genai_files(tmp, GRAPHS[graph].genai_config(torch_model))
 
         files = {
             p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
@@ -654,12 +734,12 @@ def export_onnx(
             "format_version": FORMAT_VERSION,
             "format": "onnx",
             "precision": precision,
+            "graph": graph,
             "opset": OPSET,
             "source": loaded.source,
             "layers": [shape.as_dict() for shape in layer_shapes(torch_model.config)],
             "head_dim": head_dim(torch_model.config),
-            "tied_embedding_stored_once": tied_once,
-            "quantization": quantization,
+            **written,
             "checks": {"fp32_max_abs_logit_diff_vs_torch": fp32_diff, "agreement": agreement},
             "exporter": {
                 "optimum-onnx": _package_version("optimum-onnx"),

@@ -483,7 +483,7 @@ def write_fused(model, out_dir, precision: str = "fp32", tokenizer=None, **optio
     config and, when given, its tokenizer (in the form onnxruntime-genai reads) to ``out_dir``."""
     import onnx
 
-    from export.genai import byte_level_tokenizer
+    from export.genai import write_genai_files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -498,6 +498,5 @@ def write_fused(model, out_dir, precision: str = "fp32", tokenizer=None, **optio
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-        byte_level_tokenizer(out)
-    (out / "genai_config.json").write_text(json.dumps(fused_genai_config(model), indent=2) + "\n")
+    write_genai_files(out, fused_genai_config(model))
     return out

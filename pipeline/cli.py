@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from export.formats import DEFAULT_PRECISION, DEFAULT_QUANT, GGUF_QUANTS, ONNX_PRECISIONS
+from export.formats import DEFAULT_GRAPH, DEFAULT_PRECISION, DEFAULT_QUANT, GGUF_QUANTS, ONNX_GRAPHS, ONNX_PRECISIONS
 from pipeline.options import add_options, from_args
 from runtime.errors import SaapError
 from runtime.native import VERBOSE_ENV, verbose
@@ -219,7 +219,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         precision = args.precision or DEFAULT_PRECISION
         if precision not in ONNX_PRECISIONS:
             raise SaapError(f"unknown ONNX precision '{precision}' (choose from {', '.join(ONNX_PRECISIONS)})")
-        report = export_onnx(args.model, args.out, precision, overwrite=args.overwrite, progress=not args.quiet)
+        report = export_onnx(
+            args.model, args.out, precision, args.graph, overwrite=args.overwrite, progress=not args.quiet
+        )
         size = report["model_bytes"] / 2**20
     else:
         from export.gguf import export_gguf
@@ -341,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--out", required=True, help="ONNX: output directory; GGUF: output .gguf file")
     p.add_argument("--precision", help=f"ONNX: {' | '.join(ONNX_PRECISIONS)} (default: {DEFAULT_PRECISION})")
+    p.add_argument(
+        "--graph", default=DEFAULT_GRAPH, choices=ONNX_GRAPHS,
+        help="ONNX: fused (ONNX Runtime's GroupQueryAttention / MatMulNBits contrib ops, shared KV buffer) or "
+        "traced (optimum's trace); auto = fused, traced for fp16 (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("--quant", help=f"GGUF: {' | '.join(GGUF_QUANTS)} (default: {DEFAULT_QUANT})")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")

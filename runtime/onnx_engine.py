@@ -1,8 +1,15 @@
 """The ONNX Runtime engine: runs an exported decoder graph (``saap export --format onnx``) with a KV cache.
 
-The graph takes ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key/value``
-and returns ``logits`` and ``present.{i}.key/value``. A pruned model has a different KV-head count per
-layer, so the cache shapes are read from the graph's own input declarations, never from a config.
+The graph takes ``input_ids``, ``attention_mask``, ``position_ids`` (the traced graph only) and
+``past_key_values.{i}.key/value`` and returns ``logits`` and ``present.{i}.key/value``. A pruned model has
+a different KV-head count per layer, so the cache shapes are read from the graph's own input
+declarations, never from a config.
+
+Two ways to keep the cache, chosen by the export's ``genai_config.json`` (``past_present_share_buffer``):
+- the fused graph (GroupQueryAttention) reads and writes one pre-allocated buffer per cache, bound to
+  both its past input and its present output with I/O binding, so a decode step copies no cache
+  (``SharedKvCache``); this is how onnxruntime-genai runs such graphs;
+- the traced graph grows its cache by ``Concat``: each step feeds the last step's present as numpy.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from runtime.engine import Engine, EngineSettings
 from runtime.errors import SaapError
 
 MODEL_FILE = "model.onnx"
+GENAI_CONFIG_FILE = "genai_config.json"
+FIRST_CAPACITY = 256  # tokens a shared KV buffer holds at first; it doubles (one copy) when outgrown
 RECORD_FILE = "saap-onnx.json"  # not saap.json: that name marks a torch checkpoint for runtime.models
 PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
@@ -77,14 +86,17 @@ def check_recorded_sizes(directory: Path) -> None:
             )
 
 
-def past_specs(session) -> list[PastSpec]:
-    """The cache inputs of ``session`` in layer order, with each layer's KV-head count and head size."""
+def past_specs(session, head_size: int | None = None) -> list[PastSpec]:
+    """The cache inputs of ``session`` in layer order, with each layer's KV-head count and head size
+    (``head_size`` where the graph leaves that axis symbolic, as onnxruntime-genai's builder does)."""
     found: dict[tuple[int, str], PastSpec] = {}
     for node in session.get_inputs():
         match = PAST_INPUT.match(node.name)
         if not match:
             continue
-        shape = node.shape
+        shape = list(node.shape)
+        if len(shape) == 4 and not isinstance(shape[3], int) and head_size:
+            shape[3] = head_size
         if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
             raise SaapError(f"ONNX input {node.name} has shape {shape}: expected [batch, kv_heads, past, head_dim]")
         layer, kind = int(match.group(1)), match.group(2)
@@ -151,9 +163,9 @@ def provider_options(provider: str, model_file: Path) -> dict[str, str]:
 class OnnxSession:
     """A decoder graph plus the bookkeeping to feed it: empty caches, masks, positions."""
 
-    def __init__(self, session):
+    def __init__(self, session, head_size: int | None = None):
         self.session = session
-        self.past = past_specs(session)
+        self.past = past_specs(session, head_size)
         self.input_names = {node.name for node in session.get_inputs()}
         self.output_names = ["logits", *(spec.output for spec in self.past)]
         missing = {"input_ids", "logits"} - self.input_names - {o.name for o in session.get_outputs()}
@@ -177,6 +189,60 @@ class OnnxSession:
         return logits.astype(np.float32, copy=False), present
 
 
+def genai_settings(directory: Path) -> dict:
+    """The export's genai_config.json (every saap ONNX export has one, as onnxruntime-genai's builder
+    writes one); {} without."""
+    try:
+        return json.loads((directory / GENAI_CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+class SharedKvCache:
+    """One buffer ``[1, kv_heads, capacity, head_dim]`` per cache input, bound as both the past input and
+    the present output of every run (GroupQueryAttention writes the new positions in place and reads
+    ``attention_mask``'s length as the sequence so far), on the session's device."""
+
+    def __init__(self, graph: OnnxSession, device: str = "cpu"):
+        self.graph, self.device = graph, device
+        self.length, self.capacity = 0, 0
+        self.buffers: list = []
+
+    def _grow(self, total: int) -> None:
+        import onnxruntime as ort
+
+        capacity = max(FIRST_CAPACITY, self.capacity)
+        while capacity < total:
+            capacity *= 2
+        grown = []
+        for i, spec in enumerate(self.graph.past):
+            array = np.zeros((1, spec.kv_heads, capacity, spec.head_dim), dtype=spec.dtype)
+            if self.buffers and self.length:
+                array[:, :, : self.length] = self.buffers[i].numpy()[:, :, : self.length]
+            # on the CPU the OrtValue wraps `array` itself, which must therefore stay referenced
+            grown.append(ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
+        self.buffers, self.capacity = grown, capacity
+
+    def run(self, input_ids: np.ndarray, restart: bool) -> np.ndarray:
+        """Logits ``[n, vocab]`` of ``input_ids`` ``[n]`` after the cached tokens (none if ``restart``)."""
+        if restart:
+            self.length = 0
+        total = self.length + len(input_ids)
+        if total > self.capacity:
+            self._grow(total)
+        session = self.graph.session
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray(input_ids, dtype=np.int64)[None])
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        binding.bind_output("logits")
+        for spec, buffer in zip(self.graph.past, self.buffers, strict=True):
+            binding.bind_ortvalue_input(spec.name, buffer)
+            binding.bind_ortvalue_output(spec.output, buffer)
+        session.run_with_iobinding(binding)
+        self.length = total
+        return binding.get_outputs()[0].numpy()[0].astype(np.float32, copy=False)
+
+
 class OnnxEngine(Engine):
     """An exported .onnx decoder under ONNX Runtime, with the tokenizer saved beside it."""
 
@@ -186,10 +252,15 @@ class OnnxEngine(Engine):
         model_file = resolve_onnx_path(path)
         check_recorded_sizes(model_file.parent)
         self.model_file = model_file
-        self.graph = OnnxSession(create_session(model_file, settings))
+        genai = genai_settings(model_file.parent)
+        head_size = genai.get("model", {}).get("decoder", {}).get("head_size")
+        self.graph = OnnxSession(create_session(model_file, settings), head_size)
         self.tokenizer = _load_tokenizer(model_file.parent)
         self.eos_token_ids = _eos_token_ids(model_file.parent, self.tokenizer)
         self.cache: list[np.ndarray] = self.graph.empty_cache()
+        self.shared: SharedKvCache | None = None
+        if genai.get("search", {}).get("past_present_share_buffer", False):
+            self.shared = SharedKvCache(self.graph, "cpu" if settings.device == "cpu" else "cuda")
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
@@ -197,18 +268,21 @@ class OnnxEngine(Engine):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _forward(self, ids: Sequence[int]) -> np.ndarray:
+    def _forward(self, ids: Sequence[int], restart: bool) -> np.ndarray:
+        if self.shared is not None:
+            return self.shared.run(np.asarray(list(ids), dtype=np.int64), restart)
+        if restart:
+            self.cache = self.graph.empty_cache()
         logits, self.cache = self.graph.run(np.asarray([list(ids)], dtype=np.int64), self.cache)
         return logits[0]
 
     def prefill(self, input_ids: Sequence[int]) -> np.ndarray:
         if len(input_ids) == 0:
             raise SaapError("prefill needs at least one token")
-        self.cache = self.graph.empty_cache()
-        return self._forward(input_ids)
+        return self._forward(input_ids, restart=True)
 
     def decode_step(self, token_id: int) -> np.ndarray:
-        return self._forward([token_id])[-1]
+        return self._forward([token_id], restart=False)[-1]
 
 
 def _load_tokenizer(directory: Path):

@@ -87,9 +87,10 @@ def _cached_export(model: BenchModel, run: RunConfig, progress: bool) -> Path:
         if not out.is_file():
             export_gguf(model.spec, out, run.quant, progress=progress)
         return out
-    from export.onnx import export_onnx
+    from export.formats import DEFAULT_GRAPH
+    from export.onnx import export_onnx, resolve_graph
 
-    out = directory / f"onnx-{run.quant}"
+    out = directory / f"onnx-{resolve_graph(DEFAULT_GRAPH, run.quant)}-{run.quant}"  # the graph changes the speed
     if not (out / RECORD_FILE).is_file():
         export_onnx(model.spec, out, run.quant, overwrite=True, progress=progress, agreement_windows_count=0)
     return out

@@ -27,6 +27,7 @@ from tests.runtime.test_surgery import slice_groups
 PROJECT = Path(__file__).resolve().parents[2]
 # (heads, kv_heads, tied, head_dim): per-layer pruned; head_dim 32 keeps pruned widths multiples of 32.
 PRUNED = {"mha-tied": (4, 4, True, 16), "gqa-untied": (6, 2, False, 32)}
+GRAPHS = ("fused", "traced")
 
 
 def pruned_model(heads: int, kv_heads: int, tied: bool, hd: int):
@@ -35,13 +36,15 @@ def pruned_model(heads: int, kv_heads: int, tied: bool, hd: int):
     return slice_groups(model, {0: [0]}, {1: list(range(32))})
 
 
-@pytest.fixture(scope="module", params=list(PRUNED))
+@pytest.fixture(scope="module", params=[(m, g) for m in PRUNED for g in GRAPHS], ids="-".join)
 def exported(request, tmp_path_factory, tokenizer):
-    """(checkpoint dir, fp32 export dir, report, model) of a per-layer pruned tiny model."""
-    root = tmp_path_factory.mktemp(request.param)
-    model = pruned_model(*PRUNED[request.param])
+    """(checkpoint dir, fp32 export dir, report, model) of a per-layer pruned tiny model, each graph."""
+    name, graph = request.param
+    root = tmp_path_factory.mktemp(name)
+    model = pruned_model(*PRUNED[name])
     save_checkpoint(model, tokenizer, root / "ckpt", {})
-    report = export_onnx(root / "ckpt", root / "onnx", progress=False)
+    report = export_onnx(root / "ckpt", root / "onnx", graph=graph, progress=False)
+    assert report["graph"] == graph
     return root / "ckpt", root / "onnx", report, model
 
 
@@ -71,7 +74,9 @@ def test_graph_declares_each_layers_cache_and_dynamic_axes(exported):
 
     inputs, outputs = {v.name: dims(v) for v in graph.graph.input}, {v.name: dims(v) for v in graph.graph.output}
     cache = [f"past_key_values.{i}.{kind}" for i in range(len(shapes)) for kind in ("key", "value")]
-    assert list(inputs) == ["input_ids", "attention_mask", "position_ids", *cache]
+    # the fused graph's GroupQueryAttention derives positions from the attention mask
+    positions = ["position_ids"] if report["graph"] == "traced" else []
+    assert list(inputs) == ["input_ids", "attention_mask", *positions, *cache]
     assert list(outputs) == ["logits", *(name.replace("past_key_values", "present") for name in cache)]
     for name, dim in inputs.items():
         assert isinstance(dim[0], str) and isinstance(dim[1 if "past" not in name else 2], str)  # batch, sequence
@@ -87,7 +92,9 @@ def test_graph_declares_each_layers_cache_and_dynamic_axes(exported):
     tables = [i for i in graph.graph.initializer if sorted(i.dims) == sorted([vocab, hidden])]
     assert len(tables) == (1 if model.config.tie_word_embeddings else 2)
     assert report["tied_embedding_stored_once"] is (True if model.config.tie_word_embeddings else None)
-    stored = sum(math.prod(i.dims) for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    rotary = ("cos_cache", "sin_cache")  # the fused graph's RoPE tables are not parameters
+    floats = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.name not in rotary]
+    stored = sum(math.prod(i.dims) for i in floats)
     # (the tracer folds identical initializers such as all-ones norm weights into one)
     assert 0.99 * model_parameter_count(model) <= stored <= 1.01 * model_parameter_count(model)
 
@@ -103,11 +110,12 @@ def test_plain_onnxruntime_runs_the_export_without_project_code(exported, tmp_pa
 
         session = ort.InferenceSession(sys.argv[1] + "/model.onnx", providers=["CPUExecutionProvider"])
         past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        positions = "position_ids" in [i.name for i in session.get_inputs()]  # the traced graph's only
         ids = np.array([[5, 9, 17, 33, 2], [40, 7, 11, 250, 3]], dtype=np.int64)
         feed = {
             "input_ids": ids,
             "attention_mask": np.ones_like(ids),
-            "position_ids": np.tile(np.arange(5), (2, 1)),
+            **({"position_ids": np.tile(np.arange(5), (2, 1))} if positions else {}),
             **{i.name: np.zeros((2, i.shape[1], 0, i.shape[3]), dtype=np.float32) for i in past},
         }
         names = [o.name for o in session.get_outputs()]
@@ -115,7 +123,7 @@ def test_plain_onnxruntime_runs_the_export_without_project_code(exported, tmp_pa
         step = {
             "input_ids": np.array([[64], [128]], dtype=np.int64),
             "attention_mask": np.ones((2, 6), dtype=np.int64),
-            "position_ids": np.array([[5], [5]], dtype=np.int64),
+            **({"position_ids": np.array([[5], [5]], dtype=np.int64)} if positions else {}),
             **{i.name: results[i.name.replace("past_key_values", "present")] for i in past},
         }
         logits = session.run(["logits"], step)[0]
@@ -163,26 +171,36 @@ def aligned_checkpoint(tmp_path_factory, tokenizer):
     return path, model
 
 
+def _expected_matmuls(graph: str, precision: str, layers: int) -> dict[str, int]:
+    """Decoder projections by stored form: the traced graph has q/k/v apart, the fused one packs them;
+    int4 keeps down_proj (random weights here, off any 4-bit grid) at 8 bits."""
+    if graph == "traced":
+        return {"int8": 7 * layers} if precision == "int8" else {"int4": 6 * layers, "int8": layers}
+    return {"int8 offsets": 5 * layers} if precision == "int8" else {"int4 offsets": 4 * layers, "int8 offsets": layers}
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_quantized_exports_use_block_quantized_ops_and_run(aligned_checkpoint, tmp_path, precision):
+def test_quantized_exports_use_block_quantized_ops_and_run(aligned_checkpoint, tmp_path, precision, graph):
     ckpt, model = aligned_checkpoint
-    report = export_onnx(ckpt, tmp_path / precision, precision, progress=False, agreement_windows_count=2)
-    graph = onnx.load(str(tmp_path / precision / "model.onnx"))
-    ops = [node.op_type for node in graph.graph.node]
-    projections = 7 * model.config.num_hidden_layers
-    assert ops.count("MatMulNBits") == projections + 1  # + the tied lm_head
+    out = tmp_path / precision
+    report = export_onnx(ckpt, out, precision, graph, progress=False, agreement_windows_count=2)
+    graph_proto = onnx.load(str(out / "model.onnx"))
+    ops = [node.op_type for node in graph_proto.graph.node]
+    matmuls = _expected_matmuls(graph, precision, model.config.num_hidden_layers)
+    assert ops.count("MatMulNBits") == sum(matmuls.values()) + 1  # + the tied lm_head
     assert ops.count("GatherBlockQuantized") == 2  # the embedding lookup and the lm_head's top-k refinement
-    assert not [i.name for i in graph.graph.initializer if len(i.dims) == 2 and min(i.dims) >= 64 and i.data_type == 1]
-    bits = [a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+    initializers = graph_proto.graph.initializer
+    assert not [i.name for i in initializers if len(i.dims) == 2 and min(i.dims) >= 64 and i.data_type == 1]
+    bits = [a.i for n in graph_proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
     assert set(bits) == {4, 8}  # decoder projections as 4-bit planes, the table in 8 bits
-    assert report["quantization"]["matmuls"] == (
-        {"int8": projections} if precision == "int8" else {"int4": projections - 3, "int8": 3}
-    )
-    weight_bytes = sum(numpy_helper.to_array(i).nbytes for i in graph.graph.initializer)
+    assert (report["quantization"] if graph == "traced" else report["fused"])["matmuls"] == matmuls
+    rotary = ("cos_cache", "sin_cache")  # the fused graph's RoPE tables, max_position_embeddings long
+    weight_bytes = sum(numpy_helper.to_array(i).nbytes for i in initializers if i.name not in rotary)
     assert weight_bytes < (0.37 if precision == "int8" else 0.27) * 4 * model_parameter_count(model)
     assert "agreement" in report["checks"]
 
-    engine = load_engine("onnx", str(tmp_path / precision))
+    engine = load_engine("onnx", str(out))
     prompt = [5, 9, 17, 33, 2, 40, 7]
     logits = np.concatenate([engine.prefill(prompt), engine.decode_step(11)[None]])
     with torch.no_grad():
@@ -328,8 +346,12 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(aligned_checkpoint, tmp
 
     monkeypatch.setattr(onnx_export, "_trace", broken_trace)
     with pytest.raises(RuntimeError, match="tracer crashed"):
-        export_onnx(ckpt, tmp_path / "d", progress=False)
-    for name in "abcd":
+        export_onnx(ckpt, tmp_path / "d", graph="traced", progress=False)
+    with pytest.raises(SaapError, match="fused ONNX graph has no fp16 form"):
+        export_onnx(ckpt, tmp_path / "e", "fp16", graph="fused", progress=False)
+    with pytest.raises(SaapError, match="unknown ONNX graph 'optimal'"):
+        export_onnx(ckpt, tmp_path / "f", graph="optimal", progress=False)
+    for name in "abcdef":
         assert not (tmp_path / name).exists() and _leftovers(tmp_path, name) == []
     assert set(ONNX_PRECISIONS) == {"fp32", "fp16", "int8", "int4"}
 
@@ -393,8 +415,10 @@ def test_onnxruntime_genai_runs_the_pruned_export_unchanged(exported, tokenizer)
     """og.Model(export_dir), with no saap code in between, decodes the same greedy tokens as torch,
     every layer with its own KV-head count; its tokenizer reads the exported one like transformers."""
     og = pytest.importorskip("onnxruntime_genai")
-    ckpt, out, _, _ = exported
-    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    ckpt, out, report, _ = exported
+    search = json.loads((out / "genai_config.json").read_text())["search"]
+    # the fused graph's GroupQueryAttention writes in place; the traced one grows its cache by Concat
+    assert search["past_present_share_buffer"] is (report["graph"] == "fused")
     prompt = [5, 9, 17, 33, 2, 40, 7]
     model = og.Model(str(out))
     params = og.GeneratorParams(model)

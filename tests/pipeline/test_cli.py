@@ -121,5 +121,10 @@ def test_export_onnx_then_generate_with_the_onnx_engine(capsys, hf_dir, tmp_path
         capsys, "export", "onnx", "--model", str(hf_dir), "--out", str(tmp_path / "x"), "--precision", "int3"
     )
     assert_one_line_error(code, err, "unknown ONNX precision")
+    code, _, err = run(
+        capsys, "export", "onnx", "--model", str(hf_dir), "--out", str(tmp_path / "x"), "--precision", "fp16",
+        "--graph", "fused",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "fused ONNX graph has no fp16 form")
     code, _, err = run(capsys, "export", "onnx", "--model", str(hf_dir), "--out", str(out))
     assert_one_line_error(code, err, "exists")

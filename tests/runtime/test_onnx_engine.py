@@ -5,6 +5,7 @@ import onnxruntime as ort
 import pytest
 
 from export.onnx import export_onnx
+from runtime import onnx_engine
 from runtime.checkpoint import save_checkpoint
 from runtime.engine import ENGINES, EngineSettings, load_engine
 from runtime.errors import SaapError
@@ -33,9 +34,29 @@ def test_engine_reads_each_layers_kv_heads_from_the_graph(export_dir):
     assert engine.graph.session.get_session_options().intra_op_num_threads == 1
     logits = engine.prefill([5, 9, 17])
     assert logits.shape == (3, model.config.vocab_size) and logits.dtype == np.float32
-    assert engine.cache[0].shape[2] == 3 and engine.decode_step(4).shape == (model.config.vocab_size,)
-    assert engine.cache[0].shape[2] == 4
+    assert engine.shared.length == 3 and engine.decode_step(4).shape == (model.config.vocab_size,)
+    assert engine.shared.length == 4
     np.testing.assert_array_equal(engine.prefill([5, 9, 17]), logits)  # prefill starts a new sequence
+
+
+def test_shared_kv_buffer_decodes_like_a_growing_cache_and_grows_in_place(export_dir, monkeypatch, tmp_path):
+    """The fused export's past and present are one bound buffer per cache; past its capacity it is
+    reallocated with the tokens so far. The traced export (Concat-grown cache) gives the same logits."""
+    path, _ = export_dir
+    monkeypatch.setattr(onnx_engine, "FIRST_CAPACITY", 4)
+    engine = OnnxEngine(str(path), EngineSettings(threads=1))
+    engine.prefill([5, 9, 17])
+    buffer = engine.shared.buffers
+    assert engine.shared.capacity == 4
+    steps = [engine.decode_step(t) for t in (4, 8, 15, 16, 23, 42)]
+    assert engine.shared.capacity == 16 and engine.shared.length == 9 and engine.shared.buffers is not buffer
+    traced = tmp_path / "traced"
+    export_onnx(path.parent / "ckpt", traced, graph="traced", progress=False)
+    reference = OnnxEngine(str(traced), EngineSettings(threads=1))
+    assert reference.shared is None
+    reference.prefill([5, 9, 17])
+    for token, logits in zip((4, 8, 15, 16, 23, 42), steps, strict=True):
+        np.testing.assert_allclose(reference.decode_step(token), logits, atol=1e-4)
 
 
 def test_engine_accepts_the_onnx_file_and_round_trips_text(export_dir):
