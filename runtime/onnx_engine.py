@@ -219,7 +219,7 @@ class SharedKvCache:
             array = np.zeros((1, spec.kv_heads, capacity, spec.head_dim), dtype=spec.dtype)
             if self.buffers and self.length:
                 array[:, :, : self.length] = self.buffers[i].numpy()[:, :, : self.length]
-            # on the CPU the OrtValue wraps `array` itself, which must therefore stay referenced
+            # on the CPU the OrtValue wraps `array` itself (and holds a reference to it): no copy
             grown.append(ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
         self.buffers, self.capacity = grown, capacity
 
