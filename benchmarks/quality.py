@@ -4,9 +4,10 @@
     python benchmarks/quality.py --limit 20 --ppl-windows 32 --out-name scratch --cells-dir /tmp/q
 
 Every method prunes SmolLM2-135M (``--model``) to each ``--ratios`` fraction of all parameters
-removed, with the same calibration file, number of samples, sequence length and seed (the saap
-defaults), in a child process so wall time and peak RSS are recorded; ``torch-pruning`` runs
-through ``pipeline.torch_pruning_ref``. Each model is then scored by ``saap eval``: WikiText-2 and
+removed, with the same number of calibration samples, sequence length and seed (the saap prune
+defaults) on its preset's calibration text (the books for the baselines, C4 for saap), in a child
+process so wall time and peak RSS are recorded; ``torch-pruning`` runs through
+``pipeline.torch_pruning_ref``. Each model is then scored by ``saap eval``: WikiText-2 and
 PTB perplexity (128-token windows; all windows unless ``--ppl-windows``) and the 7-task lm-eval
 suite on the first ``--limit`` documents of every task, the same documents for every method.
 

@@ -25,15 +25,19 @@ from pathlib import Path
 from _common import RESULTS, environment
 from quality import PPL_SETS, add_sitting_arguments, evaluate_cell, prune_cell, settings_match
 
+from pipeline.data import BOOKS_CALIBRATION, WEB_CALIBRATION
 from runtime.io import write_json_atomic, write_text_atomic
 
 # Held-out text that neither calibration nor the reported tables use: defaults are chosen on it, not on the
 # test splits (WikiText-2 test / PTB are reported beside it).
 DEV_SET = "calibration/wikipedia_articles.txt"
 
-# name -> extra `saap prune` flags; the first is SAAP's default.
+# name -> extra `saap prune` flags (after --calibration, so a variant's own --calibration wins); the
+# first is SAAP's default allocation and importance.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "fused-measured": (),
+    "fused-measured-c4": ("--calibration", WEB_CALIBRATION),  # saap's default calibration text
+    "fused-measured-16samples": ("--search-samples", "16"),
     "fused-measured-2pass": ("--search-passes", "2"),
     "fused-measured-4samples": ("--search-samples", "4"),
     "element-measured": ("--ablation", "element"),
@@ -50,6 +54,7 @@ def cell_settings(args: argparse.Namespace, variant: str) -> dict:
     return {
         "model": args.model,
         "flags": list(VARIANTS[variant]),
+        "calibration": args.calibration,
         "dev_set": DEV_SET,
         "limit": args.limit,
         "ppl_windows": args.ppl_windows,
@@ -65,7 +70,8 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, path: Path) -
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "pruned"
         cell = {"variant": variant, "ratio": ratio, "settings": cell_settings(args, variant)}
-        cell["prune"] = prune_cell("saap", ratio, args.model, model, args.device, VARIANTS[variant])
+        flags = ("--calibration", args.calibration, *VARIANTS[variant])
+        cell["prune"] = prune_cell("saap", ratio, args.model, model, args.device, flags)
         cell |= evaluate_cell(str(model), args, Path(tmp) / "eval.json", (DEV_SET, *PPL_SETS))
     cell["total_wall_s"] = round(time.perf_counter() - started, 1)
     cell["environment"] = environment()
@@ -95,10 +101,12 @@ def markdown(data: dict) -> str:
         "it), WikiText-2 (test) and PTB (validation). `fused` = uncertainty-weighted fusion of the "
         "vector- and element-wise Taylor scores (SAAP), `sum` = plain sum of the normalised scores, `vector` / "
         "`element` = one score alone; `measured` = depth and width allocated on measured calibration KL (the default; "
-        "`2pass`: re-measured at the first plan, `4samples`: KL on 4 sequences instead of 8), `uniform` = one ratio in "
+        "`2pass`: re-measured at the first plan, `4samples` / `16samples`: KL on 4 / 16 sequences instead of 8; `c4`: "
+        "calibrated on C4 web text instead of the sitting's calibration text), `uniform` = one ratio in "
         "layers 4–27, `adaptive` = the global search ranked by importance per parameter × (1 + CV), `nofluct` = that "
         "search without the fluctuation term. "
-        "w_V share = the vector-wise score's weight / (vector + element weights) in the fused score (attention, MLP).",
+        "w_V share = the vector-wise score's weight / (vector + element weights) in the fused score (attention, MLP). "
+        f"Calibration text of every variant (unless it names its own): `{data['settings']['calibration']}`.",
         "",
         "| variant | ratio | removed | dev (Wikipedia) | WikiText-2 | PTB | "
         + "".join(f"{t} | " for t in tasks)
@@ -149,6 +157,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_sitting_arguments(parser, "saap-ablation-smollm2-135m", RESULTS / "saap-ablation", [])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    # One text for every variant, so the rows compare components, not calibration texts; the books are
+    # what the committed cells were made with (saap's default became C4 later: the -c4 variant).
+    parser.add_argument("--calibration", default=BOOKS_CALIBRATION, help="calibration text of every variant")
     args = parser.parse_args()
 
     cells, missing = [], []
@@ -156,7 +167,8 @@ def main() -> None:
         for variant in args.variants:
             path = args.cells_dir / f"{variant}-{ratio:g}.json"
             if path.is_file() and settings_match(
-                json.loads(path.read_text())["settings"], cell_settings(args, variant)
+                {"calibration": BOOKS_CALIBRATION} | json.loads(path.read_text())["settings"],
+                cell_settings(args, variant),
             ):
                 print(f"{path.name}: done, skipped", flush=True)
                 cells.append(json.loads(path.read_text()))

@@ -12,7 +12,10 @@ from transformers import PreTrainedTokenizerBase
 from runtime.errors import SaapError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CALIBRATION = "calibration/simplebooks92_valid.txt"  # stand-in for LLM-Pruner's BookCorpus
+# The calibration texts of the method presets (pipeline/prune/methods.py): Gutenberg books, the stand-in
+# for LLM-Pruner's BookCorpus, for the baselines; C4 web text, as Wanda and SparseGPT calibrate, for saap.
+BOOKS_CALIBRATION = "calibration/simplebooks92_valid.txt"
+WEB_CALIBRATION = "calibration/c4_sample.jsonl"
 
 # name -> (file under the data dir, how its rows are joined): the perplexity protocols LLM-Pruner uses.
 PERPLEXITY_SETS = {

@@ -239,10 +239,11 @@ def _load_run(ctx: Context, out: Path) -> list[dict]:
 
 
 def _prune_inputs(ctx: Context) -> dict[str, dict[str, str]]:
-    from pipeline.data import DEFAULT_CALIBRATION, resolve_data_file
+    from pipeline.data import resolve_data_file
+    from pipeline.prune.settings import PruneSettings
     from runtime.checkpoint import sha256_file
 
-    calibration = resolve_data_file(ctx.config.prune.calibration or DEFAULT_CALIBRATION)
+    calibration = resolve_data_file(PruneSettings(**ctx.config.prune.model_dump()).calibration)
     return {
         "source": ctx.upstream("load", "source.json"),
         "calibration": {"path": str(calibration), "sha256": sha256_file(calibration)},

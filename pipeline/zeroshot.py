@@ -8,6 +8,7 @@ task below), so the scores are comparable with papers that report lm-eval number
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -176,6 +177,7 @@ def evaluate_zeroshot(
     batch_size: int = 8,
     data_root: Path | None = None,
     work_dir: Path | None = None,
+    progress: bool = True,
 ) -> dict:
     """Score ``model`` (a loaded object: pruned models have per-layer shapes) with lm-eval."""
     from lm_eval import simple_evaluate
@@ -188,6 +190,9 @@ def evaluate_zeroshot(
     work_dir = work_dir or cache_dir() / "zeroshot" / key.hexdigest()[:16]
     prepare_tasks(tasks, data_root, work_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=2048)
+    if not progress:  # lm-eval's evaluator calls these without its disable_tqdm switch
+        for request in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, request, functools.partial(getattr(lm, request), disable_tqdm=True))
     manager = TaskManager(include_path=str(work_dir), include_defaults=False)
     output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
     results = {}

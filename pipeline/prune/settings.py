@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.data import DEFAULT_CALIBRATION
 from pipeline.options import option
 from pipeline.prune.allocation import ALLOCATIONS
 from pipeline.prune.compensation import COMPENSATIONS
@@ -36,7 +35,7 @@ class PruneSettings:
     allocation: str | None = option(
         None, "how many go from each layer (default: the method's)", choices=sorted(ALLOCATIONS)
     )
-    calibration: str = option(DEFAULT_CALIBRATION, "text/jsonl/json calibration file")
+    calibration: str | None = option(None, "text/jsonl/json calibration file (default: the method's)")
     num_samples: int = option(32, "calibration sequences")
     seq_len: int = option(128, "tokens per calibration sequence")
     # Gradients accumulate across batches; 1 keeps peak memory lowest (and SAAP's statistics per sample).
@@ -61,6 +60,7 @@ class PruneSettings:
         preset = METHODS[self.method]
         self.importance = self.importance or preset.importance
         self.allocation = self.allocation or preset.allocation
+        self.calibration = self.calibration or preset.calibration
         for flag, value, registry in (
             ("importance", self.importance, IMPORTANCES),
             ("allocation", self.allocation, ALLOCATIONS),

@@ -105,3 +105,12 @@ def test_unknown_task_or_missing_data_is_a_clear_error(tmp_path):
         prepare_tasks(["mmlu"], tmp_path, tmp_path / "w")
     with pytest.raises(SaapError, match="not found"):
         prepare_tasks(["piqa"], tmp_path, tmp_path / "w")
+
+
+def test_no_progress_silences_lm_evals_request_bar(tmp_path, tokenizer, capfd):
+    _tiny_data(tmp_path / "data")
+    evaluate_zeroshot(
+        make_model(), tokenizer, ["boolq"], limit=2, batch_size=2, data_root=tmp_path / "data",
+        work_dir=tmp_path / "work", progress=False,
+    )  # fmt: skip
+    assert "Running loglikelihood requests" not in capfd.readouterr().err

@@ -90,3 +90,11 @@ def test_prune_end_to_end_on_a_tiny_model(tokenizer, text_file, importance):
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(SaapError, match=message):
         PruneSettings(**kwargs)
+
+
+def test_calibration_text_is_the_presets_unless_given():
+    from pipeline.data import BOOKS_CALIBRATION, WEB_CALIBRATION
+
+    assert PruneSettings().calibration == WEB_CALIBRATION  # saap
+    assert PruneSettings(method="llm-pruner").calibration == BOOKS_CALIBRATION
+    assert PruneSettings(method="saap", calibration="mine.txt").calibration == "mine.txt"
