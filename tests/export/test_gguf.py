@@ -15,6 +15,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, tra
 from transformers import LlamaTokenizerFast
 
 from export.gguf import GGUF_QUANTS, export_gguf, permute_rope, write_gguf
+from pipeline.data import BOOKS_CALIBRATION
 from runtime.checkpoint import save_checkpoint
 from runtime.engine import EngineSettings, load_engine
 from runtime.errors import SaapError
@@ -360,6 +361,9 @@ def real_pruned(tmp_path_factory):
     # per-layer shapes are those of a default 0.2 prune, which is what the export is about.
     cmd = [sys.executable, "-m", "pipeline.cli", "prune", "--model", "smollm2-135m", "--ratio", "0.2"]
     cmd += ["--num-samples", "4", "--seq-len", "64", "--search-samples", "2"]
+    # Pinned to the books: on saap's C4 default this tiny-sample plan's third greedy token on one
+    # prompt flips under f16 rounding (a near-tie), which says nothing about the export.
+    cmd += ["--calibration", BOOKS_CALIBRATION]
     proc = subprocess.run([*cmd, "--out", str(out), "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
