@@ -56,8 +56,9 @@ def cell_settings(args: argparse.Namespace) -> dict:
     }
 
 
-def settings_match(stored: dict, current: dict) -> bool:
-    return LATER_SETTINGS | stored == current
+def settings_match(stored: dict, current: dict, later: dict = LATER_SETTINGS) -> bool:
+    """Whether a stored cell was made with ``current``; ``later``: settings it may predate, at their old value."""
+    return later | stored == current
 
 
 def parse_limit(value: str) -> int | None:
