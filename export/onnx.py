@@ -40,7 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from export.formats import DEFAULT_GRAPH, DEFAULT_PRECISION, ONNX_GRAPHS, ONNX_PRECISIONS
+from export.formats import (
+    ACCURACY_LEVELS,
+    DEFAULT_ACCURACY_LEVEL,
+    DEFAULT_GRAPH,
+    DEFAULT_PRECISION,
+    ONNX_GRAPHS,
+    ONNX_PRECISIONS,
+)
 from export.genai import genai_config, write_genai_files
 from runtime.checkpoint import sha256_file
 from runtime.errors import SaapError
@@ -61,11 +68,15 @@ def _log(progress: bool, message: str) -> None:
         print(f"[onnx] {message}", file=sys.stderr, flush=True)
 
 
-def _check_arguments(out: Path, precision: str, graph: str, overwrite: bool) -> str:
+def _check_arguments(out: Path, precision: str, graph: str, overwrite: bool, accuracy_level: int) -> str:
     """Refuses bad input before any work; returns the graph writer's name (``auto`` resolved)."""
     if precision not in ONNX_PRECISIONS:
         raise SaapError(f"unknown ONNX precision '{precision}' (choose from {', '.join(ONNX_PRECISIONS)})")
     graph = resolve_graph(graph, precision)
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise SaapError(f"unknown accuracy level {accuracy_level} (choose from {', '.join(map(str, ACCURACY_LEVELS))})")
+    if accuracy_level != DEFAULT_ACCURACY_LEVEL and (graph != "fused" or precision == "fp32"):
+        raise SaapError("--accuracy-level applies to the fused graph's int8 / int4 MatMulNBits only")
     if not out.parent.is_dir():
         raise SaapError(f"cannot write '{out}': its parent directory '{out.parent}' does not exist")
     if out.exists() and not overwrite:
@@ -170,7 +181,8 @@ def _save(graph, path: Path) -> None:
 #
 # Decoder projections: every block of 32 weights (along the input dimension, per output channel) is
 # asymmetric min/max quantized, w = q * scale + low, and stored for MatMulNBits' 4-bit kernel with
-# float32 activations (accuracy_level 0 - measured only ~20 % slower than the int8-activation path):
+# float32 activations (accuracy_level 0: ~20 % slower than int8 activations on an AMX Xeon, ~2x on an
+# AVX2 EPYC, whose float 4-bit kernel runs at fp32 MatMul speed; saap export onnx --accuracy-level 4):
 #   4 bits: MatMulNBits(x) computes (q - 8) * scale; the rest, (low + 8 * scale), is added back as
 #           (block sums of x) @ offsets, a MatMul 1/32 the size of the weight;
 #   8 bits: q = 16 * hi + lo is split into two 4-bit planes, stored as one MatMulNBits over
@@ -579,8 +591,11 @@ def top1_agreement(reference: OnnxSession, candidate: OnnxSession, windows: np.n
 # --- the export -----------------------------------------------------------------------------------------
 
 
-def _write_traced(model, precision: str, fp32_path: Path, out_path: Path, progress: bool, timings) -> dict:
-    """optimum's trace at fp32, then (quantized / fp16) this module's converter over that graph."""
+def _write_traced(
+    model, precision: str, fp32_path: Path, out_path: Path, progress: bool, timings, accuracy_level: int
+) -> dict:
+    """optimum's trace at fp32, then (quantized / fp16) this module's converter over that graph
+    (float32 activations: ``accuracy_level`` is always the default here, _check_arguments sees to it)."""
     import onnx
 
     _log(progress, f"tracing the fp32 graph (optimum-onnx, opset {OPSET})")
@@ -602,15 +617,18 @@ def _write_traced(model, precision: str, fp32_path: Path, out_path: Path, progre
     return {"tied_embedding_stored_once": tied_once, "quantization": quantization}
 
 
-def _write_fused(model, precision: str, fp32_path: Path, out_path: Path, progress: bool, timings) -> dict:
-    """export/onnx_fused.py's graph, at fp32 (the reference of the checks) and at ``precision``."""
+def _write_fused(
+    model, precision: str, fp32_path: Path, out_path: Path, progress: bool, timings, accuracy_level: int
+) -> dict:
+    """export/onnx_fused.py's graph, at fp32 (the reference of the checks) and at ``precision``, whose
+    decoder projections' MatMulNBits run at ``accuracy_level``."""
     from export.onnx_fused import build_fused_graph
 
     record = {}
     for target, path in {"fp32": fp32_path, precision: out_path}.items():
         _log(progress, f"writing the fused {target} graph (GroupQueryAttention, MatMulNBits; opset {OPSET})")
         t = time.perf_counter()
-        proto = build_fused_graph(model, target)
+        proto = build_fused_graph(model, target, accuracy_level=None if target == "fp32" else accuracy_level)
         record = json.loads(next(p.value for p in proto.metadata_props if p.key == "saap.fused"))
         _save(proto, path)
         del proto
@@ -620,7 +638,8 @@ def _write_fused(model, precision: str, fp32_path: Path, out_path: Path, progres
 
 @dataclass(frozen=True)
 class GraphWriter:
-    """One way to write ``model.onnx``: ``write(model, precision, fp32_path, out_path, progress, timings)``
+    """One way to write ``model.onnx``: ``write(model, precision, fp32_path, out_path, progress, timings,
+    accuracy_level)``
     leaves the fp32 graph at ``fp32_path`` and the ``precision`` one at ``out_path`` (the same path for
     fp32) and returns its part of the record; ``genai_config(model)`` is its genai_config.json."""
 
@@ -688,18 +707,20 @@ def export_onnx(
     overwrite: bool = False,
     progress: bool = True,
     agreement_windows_count: int = AGREEMENT_WINDOWS,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
 ) -> dict:
     """Export ``model`` (anything ``load_model`` accepts) to the ONNX directory ``out``; returns the report.
 
     For a quantized precision the report carries the top-1 agreement of its logits with the fp32 graph
     on the first ``agreement_windows_count`` WikiText-2 windows of 128 tokens (when the data set is
-    present; 0 skips it). ``graph`` chooses the writer (``GRAPHS``; ``auto``: see ``resolve_graph``).
+    present; 0 skips it). ``graph`` chooses the writer (``GRAPHS``; ``auto``: see ``resolve_graph``);
+    ``accuracy_level`` the fused graph's MatMulNBits compute (export/formats.py ``ACCURACY_LEVELS``).
     """
     from runtime.models import load_model
 
     started = time.perf_counter()
     out = Path(out).expanduser()
-    graph = _check_arguments(out, precision, graph, overwrite)
+    graph = _check_arguments(out, precision, graph, overwrite, accuracy_level)
     _log(progress, f"loading {model}")
     loaded = load_model(str(model))
     torch_model, tokenizer = loaded.model, loaded.tokenizer
@@ -708,7 +729,9 @@ def export_onnx(
     with atomic_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp) as stage_dir:
         fp32_path = tmp / MODEL_FILE if precision == "fp32" else Path(stage_dir) / "fp32" / MODEL_FILE
         fp32_path.parent.mkdir(exist_ok=True)
-        written = GRAPHS[graph].write(torch_model, precision, fp32_path, tmp / MODEL_FILE, progress, timings)
+        written = GRAPHS[graph].write(
+            torch_model, precision, fp32_path, tmp / MODEL_FILE, progress, timings, accuracy_level
+        )
 
         fp32_session = _session(fp32_path)
         fp32_diff = max_abs_diff_vs_torch(torch_model, fp32_session)
@@ -735,6 +758,7 @@ def export_onnx(
             "format": "onnx",
             "precision": precision,
             "graph": graph,
+            "accuracy_level": accuracy_level,
             "opset": OPSET,
             "source": loaded.source,
             "layers": [shape.as_dict() for shape in layer_shapes(torch_model.config)],

@@ -211,6 +211,30 @@ def test_quantized_exports_use_block_quantized_ops_and_run(aligned_checkpoint, t
     assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > (0.999 if precision == "int8" else 0.85)
 
 
+def test_accuracy_level_sets_the_decoder_projections_activation_type(aligned_checkpoint, tmp_path):
+    """--accuracy-level 4 (int8 activations) reaches every decoder MatMulNBits; the default keeps float32."""
+    ckpt, model = aligned_checkpoint
+
+    def levels(out: Path) -> dict[str, int]:
+        nodes = onnx.load(str(out / "model.onnx")).graph.node
+        return {
+            n.name: next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+            for n in nodes
+            if n.op_type == "MatMulNBits"
+        }
+
+    fast = export_onnx(ckpt, tmp_path / "acc4", "int4", "fused", progress=False, agreement_windows_count=0,
+                       accuracy_level=4)  # fmt: skip
+    exact = export_onnx(ckpt, tmp_path / "acc0", "int4", "fused", progress=False, agreement_windows_count=0)
+    assert (fast["accuracy_level"], exact["accuracy_level"]) == (4, 0)
+    decoder = [name for name in levels(tmp_path / "acc0") if name.startswith("model.layers.")]
+    assert len(decoder) == sum(_expected_matmuls("fused", "int4", model.config.num_hidden_layers).values())
+    assert {levels(tmp_path / "acc4")[name] for name in decoder} == {4}
+    assert {levels(tmp_path / "acc0")[name] for name in decoder} == {0}
+    engine = load_engine("onnx", str(tmp_path / "acc4"))
+    assert np.isfinite(engine.prefill([5, 9, 17, 33])).all()
+
+
 def _run(graph, feed: dict) -> np.ndarray:
     import onnxruntime as ort
 
@@ -351,7 +375,13 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(aligned_checkpoint, tmp
         export_onnx(ckpt, tmp_path / "e", "fp16", graph="fused", progress=False)
     with pytest.raises(SaapError, match="unknown ONNX graph 'optimal'"):
         export_onnx(ckpt, tmp_path / "f", graph="optimal", progress=False)
-    for name in "abcdef":
+    with pytest.raises(SaapError, match="applies to the fused graph's int8 / int4"):
+        export_onnx(ckpt, tmp_path / "g", "fp32", accuracy_level=4, progress=False)
+    with pytest.raises(SaapError, match="applies to the fused graph's int8 / int4"):
+        export_onnx(ckpt, tmp_path / "h", "int4", graph="traced", accuracy_level=4, progress=False)
+    with pytest.raises(SaapError, match="unknown accuracy level 5"):
+        export_onnx(ckpt, tmp_path / "i", "int4", accuracy_level=5, progress=False)
+    for name in "abcdefghi":
         assert not (tmp_path / name).exists() and _leftovers(tmp_path, name) == []
     assert set(ONNX_PRECISIONS) == {"fp32", "fp16", "int8", "int4"}
 

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,11 @@ def test_prune_generate_eval_on_a_tiny_checkpoint(capsys, hf_dir, text_file, tmp
         (["eval", "--model", "{hf}", "--ppl", "nosuchset"], "not found"),
         (["eval", "--model", "{hf}", "--generate", "--device", "tpu"], "runs on cpu, cuda or mps, not 'tpu'"),
         (["prune", "--model", "{hf}", "--ratio", "abc", "--out", "{tmp}/o"], "invalid float value"),
+        (
+            ["export", "onnx", "--model", "{hf}", "--precision", "fp32", "--accuracy-level", "4", "--out", "{tmp}/o"],
+            "--accuracy-level applies to the fused graph's int8 / int4 MatMulNBits only",
+        ),
+        (["export", "onnx", "--model", "{hf}", "--accuracy-level", "9", "--out", "{tmp}/o"], "invalid choice: 9"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, hf_dir, tmp_path, text_file, argv, fragment):
@@ -81,7 +87,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, hf_dir, tmp_path, text_file, a
         code, _, err = run(capsys, *argv)
     except SystemExit as e:  # argparse's own errors
         code, err = e.code, capsys.readouterr().err
-    err = err.replace("saap prune: error:", "saap: error:")
+    err = re.sub(r"^saap \w+: error:", "saap: error:", err)  # argparse names the verb
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp")]
