@@ -49,6 +49,9 @@ GRAPHS = [
     ("fused int8, uint8 zero points, acc 4", "fused", "int8", {"layout": "zero_points", "accuracy_level": 4}),
     ("traced int4", "traced", "int4", {}),
     ("fused int4", "fused", "int4", {}),
+    ("fused int4, acc 4", "fused", "int4", {"accuracy_level": 4}),
+    ("fused int4 folded", "fused", "int4", {"layout": "folded"}),
+    ("fused int4 folded, acc 4", "fused", "int4", {"layout": "folded", "accuracy_level": 4}),
     ("fused int4, uint4 zero points, acc 4", "fused", "int4", {"layout": "zero_points", "accuracy_level": 4}),
 ]
 
@@ -118,7 +121,7 @@ def main() -> None:
             if builder == "traced":
                 fp32 = work / "traced_fp32"
                 if not fp32.exists():
-                    export_onnx(args.model, fp32, "fp32", progress=False, agreement_windows_count=0)
+                    export_onnx(args.model, fp32, "fp32", "traced", progress=False, agreement_windows_count=0)
                 if precision != "fp32":
                     shutil.copytree(fp32, out, ignore=shutil.ignore_patterns(MODEL_FILE + "*", "saap-onnx.json"))
                     CONVERTERS[precision](fp32 / MODEL_FILE, out / MODEL_FILE, model.config.tie_word_embeddings)

@@ -251,6 +251,51 @@ def nibble_planes(weight: np.ndarray, bits: int):
     return pack_nibbles(planes), scales.astype(np.float32), offsets.T.astype(np.float32), bits // 4
 
 
+OFFSET_DIGITS = 3  # base-16 digits of each folded offset: error <= max |offset| of the column / 3822
+
+
+def _offset_width(k: int) -> int:
+    """Input columns the folded layout appends for a K-wide input: a digit per block, padded to a block."""
+    return -(-OFFSET_DIGITS * (k // BLOCK) // BLOCK) * BLOCK
+
+
+def blocksum_matrix(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unpacked 4-bit MatMulNBits weights [W, K/32, 32] and scales of ``x -> [16^2 bs, 16 bs, bs, 0...]``
+    (``bs``: the K/32 block sums of x; one group per offset digit, most significant first), exact with
+    the implicit zero point 8: q = 9 on the summed block, scale 16^d; everything else q = 8, i.e. 0."""
+    blocks = k // BLOCK
+    q = np.full((_offset_width(k), blocks, BLOCK), 8, np.uint8)
+    scales = np.ones(q.shape[:2], np.float32)
+    for digit in range(OFFSET_DIGITS):
+        for j in range(blocks):
+            q[digit * blocks + j, j] = 9
+            scales[digit * blocks + j, j] = 16.0 ** (OFFSET_DIGITS - 1 - digit)
+    return q, scales
+
+
+def fold_offsets(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``weight`` [K, N] as one 4-bit MatMulNBits over ``[x] * planes + blocksum_matrix(K)(x)``: unpacked
+    q [N, blocks, 32], scales [N, blocks], planes. nibble_planes' per-block offsets become weight rows:
+    ``u = rint(offset / step)`` on one step per output column, ``u + C`` written in OFFSET_DIGITS base-16
+    digits ``d``; the rows of digit i hold ``(d - 8) * step`` and read ``16^(D-1-i) * bs``, so together
+    they add ``step * u * bs`` (C = 8 (16^D - 1) / 15 cancels the implicit zero point 8 of every digit)."""
+    k, n = weight.shape
+    packed, scales, offsets, planes = nibble_planes(weight, bits)
+    q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, -1, BLOCK)  # unpack
+    offsets = offsets.T.astype(np.float64)  # [N, K/32]
+    bias = 8 * (16**OFFSET_DIGITS - 1) // 15
+    step = np.abs(offsets).max(-1) / (16**OFFSET_DIGITS - 1 - bias)
+    step = np.where(step > 0, step, 1.0)
+    code = (np.rint(offsets / step[:, None]) + bias).astype(np.int64)
+    blocks = k // BLOCK
+    rows = np.full((n, _offset_width(k)), 8, np.uint8)
+    for digit in range(OFFSET_DIGITS):
+        rows[:, digit * blocks : (digit + 1) * blocks] = (code // 16 ** (OFFSET_DIGITS - 1 - digit)) % 16
+    q = np.concatenate([q, rows.reshape(n, -1, BLOCK)], axis=1)
+    step_blocks = np.repeat(step[:, None], rows.shape[1] // BLOCK, axis=1)
+    return q, np.concatenate([scales, step_blocks], axis=1).astype(np.float32), planes
+
+
 class _GraphEditor:
     """Replaces MatMul / Gather nodes of a ModelProto in place, keeping the node order valid."""
 

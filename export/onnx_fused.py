@@ -38,11 +38,16 @@ blocks, float per-block offsets added back as ``blocksums(x) @ offsets``, 4-bit 
 activations, 8 bits as two 4-bit planes; int4 keeps down_proj at 8 bits unless that matrix already
 sits exactly on the 4-bit grid, as every projection of the unpruned Q4_1 SmolLM2 does). Weights on the
 grid are stored exactly (dense SmolLM2: 100 % top-1 agreement with fp32 at int8 and int4). Layout
+``folded``: the same blocks with the offsets moved into the MatMulNBits itself, as extra weight rows over
+the block sums (export.onnx.fold_offsets; 3 base-16 digits per offset, 99.9 % agreement): 2 extra nodes
+per distinct input instead of 4 per projection, but measured no faster on an AVX2 EPYC, where the
+4-bit kernel itself is the cost (benchmarks/results/onnx-fused-smollm2-135m.md). Layout
 ``zero_points``: plain MatMulNBits with integer (uint4 / uint8) zero points and a chosen
 ``accuracy_level`` (default 4, int8 activations) - what onnxruntime's own quantizer writes; fast but
 measured at 96 % (8 bits) / 73 % (4 bits) agreement on SmolLM2, so only for comparison. int8
 activations (accuracy_level 4) in the ``offsets`` layout cost ~3-4 points of agreement as well, hence
-accuracy_level 0 there by default (``benchmarks/results/onnx-fused-smollm2-135m.md``).
+accuracy_level 0 there by default (``benchmarks/results/onnx-fused-smollm2-135m.md``); ``saap export onnx
+--accuracy-level 4`` chooses them, for CPUs whose float 4-bit kernel is slow.
 Embedding and lm_head: the tied table stays one initializer - in fp32 it is
 stored once as [hidden, vocab] (read by the lm_head MatMul directly, and by a Gather along axis 1 for
 the lookup), quantized it is export/onnx.py's symmetric 8-bit table shared by GatherBlockQuantized
@@ -66,7 +71,7 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = MODEL_FILE + "_data"
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 PRECISIONS = ("fp32", "int8", "int4")
-LAYOUTS = ("offsets", "zero_points")
+LAYOUTS = ("offsets", "folded", "zero_points")
 # precision -> bits per projection (the same choice as export/onnx.py's SCHEMES, see export/ONNX.md)
 SCHEMES = {"int8": {"default": 8}, "int4": {"default": 4, "down_proj": 8}}
 
@@ -163,11 +168,13 @@ class _Linears:
         else:
             scheme = SCHEMES[self.precision]
             bits, label = scheme.get(projection, scheme["default"]), self.layout
-            if bits > scheme["default"] and self.layout == "offsets" and _on_grid(weight, scheme["default"]):
+            if bits > scheme["default"] and self.layout != "zero_points" and _on_grid(weight, scheme["default"]):
                 # already on the coarser grid (an unpruned Q4_1 projection): storing it there loses nothing
                 bits, label = scheme["default"], f"{self.layout}, {projection} kept on its grid"
             self.projection = projection
-            if self.layout == "offsets":
+            if self.layout == "folded":
+                out = self._folded(x, weight, bits, name)
+            elif self.layout == "offsets":
                 out = self._offsets(x, weight, bits, name)
             else:
                 out = self._zero_points(x, weight, bits, name)
@@ -209,6 +216,42 @@ class _Linears:
         )
         offset = g.node("MatMul", [g.shared[key], g.init(f"{name}.offsets", offsets)], f"{name}/Offset/MatMul")
         return g.node("Add", [main, offset], f"{name}/Offset/Add")
+
+    def _folded(self, x: str, weight: np.ndarray, bits: int, name: str) -> str:
+        """The ``offsets`` scheme in one MatMulNBits: the block sums ride along as extra input columns
+        (export.onnx.fold_offsets), which replaces a MatMul and an Add per projection."""
+        from export.onnx import fold_offsets, pack_nibbles
+
+        k, n = weight.shape
+        q, scales, planes = fold_offsets(weight, bits)
+        a = self._with_blocksums(x, k, planes)
+        g, level = self.g, self.level(0)
+        return g.node(
+            "MatMulNBits",
+            [a, g.init(f"{name}.qweight", pack_nibbles(q)), g.init(f"{name}.scales", scales)],
+            f"{name}/MatMulNBits",
+            domain=MS_DOMAIN, K=q.shape[1] * BLOCK, N=n, bits=4, block_size=BLOCK,
+            **({"accuracy_level": level} if level else {}),
+        )  # fmt: skip
+
+    def _with_blocksums(self, x: str, k: int, planes: int) -> str:
+        """``[x] * planes + blocksum_matrix(k)(x)``, shared by the projections that read ``x``."""
+        from export.onnx import blocksum_matrix, pack_nibbles
+
+        g = self.g
+        sums = f"{x}/offset_inputs"
+        if sums not in g.shared:
+            q, scales = blocksum_matrix(k)
+            g.shared[sums] = g.node(
+                "MatMulNBits",
+                [x, g.init(f"{x}.blocksums.qweight", pack_nibbles(q)), g.init(f"{x}.blocksums.scales", scales)],
+                f"{x}/blocksums/MatMulNBits",
+                domain=MS_DOMAIN, K=k, N=q.shape[0], bits=4, block_size=BLOCK,
+            )  # fmt: skip
+        key = f"{x}/folded{planes}"
+        if key not in g.shared:
+            g.shared[key] = g.node("Concat", [x] * planes + [g.shared[sums]], f"{x}/folded{planes}/Concat", axis=-1)
+        return g.shared[key]
 
     def _zero_points(self, x: str, weight: np.ndarray, bits: int, name: str) -> str:
         from export.onnx import pack_nibbles

@@ -15,7 +15,16 @@ import torch
 from onnx import helper, numpy_helper
 
 import export.onnx as onnx_export
-from export.onnx import ONNX_PRECISIONS, export_onnx, nibble_planes, quantize_blocks, quantize_graph
+from export.onnx import (
+    ONNX_PRECISIONS,
+    blocksum_matrix,
+    export_onnx,
+    fold_offsets,
+    nibble_planes,
+    pack_nibbles,
+    quantize_blocks,
+    quantize_graph,
+)
 from runtime.checkpoint import save_checkpoint, sha256_file
 from runtime.engine import EngineSettings, load_engine
 from runtime.errors import SaapError
@@ -266,6 +275,45 @@ def test_block_quantized_matmul_reproduces_its_dequantized_weight(projection, bi
     assert np.abs(dequantized - weight).max() <= scale.max() / 2 + 1e-6
     x = rng.normal(size=(2, 3, k)).astype(np.float32)
     np.testing.assert_allclose(_run(graph, {"x": x}), x @ dequantized, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_folded_offsets_reproduce_the_dequantized_weight_in_one_matmulnbits(bits):
+    """The folded layout's two MatMulNBits (block sums, then weights + offset rows over [x..., sums]) in
+    ONNX Runtime's kernel: x @ the dequantized weight, even with a massive activation in one block."""
+    rng = np.random.default_rng(2)
+    k, n = 96, 40
+    weight = (rng.normal(size=(k, n)) * 0.05 + 0.01).astype(np.float32)
+    q, scales, planes = fold_offsets(weight, bits)
+    sums_q, sums_scales = blocksum_matrix(k)
+
+    def nbits(a: str, w: str, out: str, width: int, columns: int):
+        return helper.make_node(
+            "MatMulNBits", [a, w, f"{w}_s"], [out], domain="com.microsoft", K=width, N=columns, bits=4, block_size=32
+        )
+
+    nodes = [
+        nbits("x", "sums", "bs", k, sums_q.shape[0]),
+        helper.make_node("Concat", ["x"] * planes + ["bs"], ["a"], axis=-1),
+        nbits("a", "w", "y", q.shape[1] * 32, n),
+    ]
+    tensors = {"sums": pack_nibbles(sums_q), "sums_s": sums_scales, "w": pack_nibbles(q), "w_s": scales}
+    graph = helper.make_model(
+        helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", "s", k])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", "s", n])],
+            [numpy_helper.from_array(v, name) for name, v in tensors.items()],
+        ),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+    )
+    qb, scale, low = quantize_blocks(weight, bits, symmetric=False)
+    dequantized = (qb * scale[..., None] + low[..., None]).reshape(n, k).T
+    x = rng.normal(size=(2, 3, k)).astype(np.float32)
+    x[0, 0, 5] = 60.0
+    expected = x @ dequantized
+    assert np.abs(_run(graph, {"x": x}) - expected).max() <= 1e-3 * np.abs(expected).max()
 
 
 def test_four_bit_blocks_are_exact_for_weights_on_a_q4_1_grid():
