@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from _common import PROJECT, RESULTS, environment, run_saap, write_results
 
+from export.genai_builder import build_reference, builder_source, check_builder
 from export.onnx import agreement_windows, top1_agreement
 from runtime.engine import EngineSettings
 from runtime.models import load_model
@@ -48,21 +47,6 @@ BUILDER = ("int4", "fp32")
 PRUNED = {"saap-p20": 0.2, "saap-p50": 0.5}
 AGREEMENT_WINDOWS, SEQ_LEN = 16, 128
 THREADS, GEN_TOKENS = 2, 64
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def build_reference(python: str, source: Path, out: Path, precision: str) -> None:
-    """onnxruntime-genai's builder on ``source``; our tokenizer files beside it, so that transformers < 5
-    (saap's engine) reads the same tokenizer that the builder's transformers 5 wrote in its newer form."""
-    if (out / MODEL_FILE).is_file():
-        return
-    with tempfile.TemporaryDirectory() as cache, open(out.parent / f"builder-{precision}.log", "w") as log:
-        command = [python, "-m", "onnxruntime_genai.models.builder", "-m", str(source), "-i", str(source)]
-        command += ["-o", str(out), "-p", precision, "-e", "cpu", "-c", cache]
-        subprocess.run(command, check=True, stdout=log, stderr=log)  # its per-tensor progress, kept aside
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
 
 
 def agreement(directories: dict[str, Path], reference: str, tokenizer) -> dict[str, float]:
@@ -102,10 +86,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     loaded = load_model(MODEL)
-    source = work / "dense-hf"  # the checkpoint the builder reads: the dense model as saap loads it
-    if not (source / "config.json").is_file():
-        loaded.model.save_pretrained(source)
-        loaded.tokenizer.save_pretrained(source)
+    source = builder_source(MODEL, work)  # the checkpoint the builder reads: the dense model as saap loads it
 
     directories: dict[str, Path] = {}
     for name, flags in OURS.items():
@@ -115,6 +96,7 @@ def main() -> None:
         directories[name] = out
     builder_note = "not run: no --builder-python given"
     if args.builder_python:
+        check_builder(args.builder_python)
         for precision in BUILDER:
             out = work / f"genai-builder-{precision}"
             build_reference(args.builder_python, source, out, precision)

@@ -34,7 +34,7 @@ def _weights_id(model: BenchModel) -> str:
     from runtime.checkpoint import WEIGHTS_FILE, read_metadata, sha256_file
     from runtime.models import resolve_alias
 
-    if model.kind in ("alias", "llamacpp-ref"):
+    if model.kind in ("alias", "llamacpp-ref", "genai-ref"):
         path = resolve_alias(model.reference_of or model.spec)
         return hashlib.sha256(f"{path.stat().st_size}:{path}".encode()).hexdigest()[:16]
     if model.kind == "checkpoint":
@@ -54,7 +54,7 @@ def export_cache() -> Path:
 
 def fits(model: BenchModel, engine: str) -> bool:
     """A ready artifact runs only on the engines of its format; a checkpoint is exported for any."""
-    kind = "gguf" if model.kind == "llamacpp-ref" else model.kind
+    kind = {"llamacpp-ref": "gguf", "genai-ref": "onnx"}.get(model.kind, model.kind)
     return ENGINE_FORMATS[engine] == kind if kind in ("gguf", "onnx") else True
 
 
@@ -80,6 +80,11 @@ def _cached_export(model: BenchModel, run: RunConfig, progress: bool) -> Path:
         if not out.is_file():
             requantize_llamacpp(model.reference_of or model.spec, out, run.quant)
         return out
+    if model.kind == "genai-ref":
+        from export.genai_builder import build_reference, builder_source
+
+        source = builder_source(model.reference_of or model.spec, directory)
+        return build_reference(model.builder, source, directory / f"genai-builder-{run.quant}", run.quant)
     if ENGINE_FORMATS[run.engine] == "gguf":
         from export.gguf import export_gguf
 
@@ -125,10 +130,10 @@ def model_config(model: BenchModel, artifact: Path):
         return gguf_config(artifact)
     if artifact.is_dir() and (artifact / RECORD_FILE).is_file():
         return LlamaConfig.from_pretrained(artifact)  # the export keeps the per-layer config
-    if model.kind == "alias":
+    if model.kind in ("alias", "genai-ref"):  # the builder's export holds no config.json: the alias's own
         from runtime.models import load_model
 
-        return load_model(model.spec).model.config  # cached as a checkpoint after the first load
+        return load_model(model.reference_of or model.spec).model.config  # cached after the first load
     return LlamaConfig.from_pretrained(model.spec)
 
 

@@ -101,7 +101,7 @@ def markdown_report(doc: dict[str, Any], title: str | None = None, notes: str = 
         "",
     ]
     if doc.get("references"):
-        lines += ["## Our GGUF export vs llama.cpp's own file", ""]
+        lines += ["## Our exports vs the reference tools' own (llama.cpp's file, onnxruntime-genai's builder)", ""]
         lines += ["- " + line for line in format_references(doc).splitlines()] + [""]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.bench.settings import LLAMACPP_REF
+from pipeline.bench.settings import REFERENCE_SUFFIXES
 from pipeline.bench.stats import paired_speedup
 
 
@@ -44,13 +44,15 @@ def speedups(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def references(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Our GGUF export of a dense alias against llama.cpp's own file of it, requantized to the same type."""
+    """Our export of a dense alias against the reference tool's own: llama.cpp's file requantized to the same
+    type (--llamacpp-reference), onnxruntime-genai's builder at the same precision (--genai-reference)."""
     by_key = {(r["model"], *_run_key(r)): r for r in doc["results"]}
     rows = []
     for r in doc["results"]:
-        if not r["model"].endswith(LLAMACPP_REF):
+        suffix = next((s for s in REFERENCE_SUFFIXES if r["model"].endswith(s)), None)
+        if suffix is None:
             continue
-        ours = by_key.get((r["model"][: -len(LLAMACPP_REF)], *_run_key(r)))
+        ours = by_key.get((r["model"][: -len(suffix)], *_run_key(r)))
         if ours is None or ours.get("failed") or r.get("failed"):
             continue
         for p, stats in r["by_prompt"].items():

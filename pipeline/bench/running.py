@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline.bench.plan import plan, preflight
 from pipeline.bench.results import references, speedups
 from pipeline.bench.settings import (
     ENGINE_FORMATS,
+    GENAI_REF,
     LLAMACPP_REF,
     SCHEMA,
     SLOWDOWN_ENV,
@@ -196,20 +198,39 @@ def _models(settings: BenchSettings, runs: list[RunConfig]) -> list[BenchModel]:
                 f"'{model.spec}' is a {model.kind.upper()} artifact: it runs on engine {' or '.join(runs_on)}, "
                 f"which is not among --engines {','.join(sorted(engines))}"
             )
+    aliases = [m for m in models if m.kind == "alias"]
     if settings.llamacpp_reference:
-        for alias in [m for m in models if m.kind == "alias"]:
+        for alias in aliases:
             models.append(BenchModel(alias.label + LLAMACPP_REF, alias.spec, "llamacpp-ref", reference_of=alias.spec))
+    if settings.genai_reference:
+        from export.genai_builder import check_builder
+
+        check_builder(settings.genai_reference)  # before anything is measured
+        for alias in aliases:
+            ref = BenchModel(alias.label + GENAI_REF, alias.spec, "genai-ref", reference_of=alias.spec)
+            ref.builder = settings.genai_reference
+            models.append(ref)
     return models
 
 
 def _groups(
     runs: list[RunConfig], models: list[BenchModel], settings: BenchSettings
 ) -> list[tuple[RunConfig, list[BenchModel]]]:
-    groups = [(run, [m for m in models if fits(m, run.engine)]) for run in runs]
-    if settings.llamacpp_reference:  # llama.cpp's own file is requantized by llama.cpp, to its quantized types
+    # A reference runs only at the types its own tool makes: llama.cpp's file is requantized by llama.cpp to
+    # its quantized types, onnxruntime-genai's builder has its own precisions (no int8).
+    made_at: dict[str, Collection[str]] = {}
+    if settings.llamacpp_reference:
         from export.gguf import LLAMA_QUANTS  # torch
 
-        groups = [(run, [m for m in ms if m.kind != "llamacpp-ref" or run.quant in LLAMA_QUANTS]) for run, ms in groups]
+        made_at["llamacpp-ref"] = LLAMA_QUANTS
+    if settings.genai_reference:
+        from export.genai_builder import BUILDER_PRECISIONS
+
+        made_at["genai-ref"] = BUILDER_PRECISIONS
+    groups = [
+        (run, [m for m in models if fits(m, run.engine) and run.quant in made_at.get(m.kind, [run.quant])])
+        for run in runs
+    ]
     return [(run, ms) for run, ms in groups if ms]
 
 

@@ -27,6 +27,8 @@ ENGINE_DEVICES = {
 }
 SLOWDOWN_ENV = "SAAP_BENCH_INJECT_SLOWDOWN"  # CI self-test: pruned models decode this many times slower
 LLAMACPP_REF = " [llama.cpp file]"
+GENAI_REF = " [onnxruntime-genai builder]"
+REFERENCE_SUFFIXES = (LLAMACPP_REF, GENAI_REF)
 
 
 @dataclass
@@ -55,6 +57,10 @@ class BenchSettings:
     )  # fmt: skip
     n_gpu_layers: int = option(-1, "llama.cpp layers offloaded on a GPU device (-1: all)")
     llamacpp_reference: bool = option(False, "also run llama.cpp's own GGUF of each alias, requantized alike")
+    genai_reference: str | None = option(
+        None, "a Python with onnxruntime-genai's model builder (transformers >= 5): also run the builder's "
+        "export of each alias (int4 / fp32 / fp16, for the CPU) beside ours on the ONNX engines",
+    )  # fmt: skip
     exports: list[str] = option(
         help="ready ONNX export dirs / .gguf files of the models' weights: measured as they are, not exported again",
         factory=list,
@@ -85,9 +91,10 @@ class RunConfig:
 class BenchModel:
     label: str
     spec: str
-    kind: str  # alias | checkpoint | hf | gguf | onnx | llamacpp-ref
+    kind: str  # alias | checkpoint | hf | gguf | onnx | llamacpp-ref | genai-ref
     parent: str | None = None  # label of the dense parent among the benchmarked models
-    reference_of: str | None = None  # llamacpp-ref: the alias it stands beside
+    reference_of: str | None = None  # llamacpp-ref / genai-ref: the alias it stands beside
+    builder: str | None = None  # genai-ref: the Python that runs onnxruntime-genai's builder
     weights_id: str | None = None  # sha256[:16] of the weights, names the export cache
     weights_sha256: str | None = None  # of the weights it loads from, matched to --exports' sources
 

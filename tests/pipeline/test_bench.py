@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -188,6 +191,9 @@ def test_compare_reports_missing_metrics_and_rejects_bad_input():
         (["--devices", "tpu"], "not device 'tpu'"),
         (["--target", "moon-base"], "unknown target 'moon-base'"),
         (["--compare", "/nonexistent/baseline.json"], "baseline '/nonexistent/baseline.json' does not exist"),
+        (["--genai-reference", "/nonexistent/python"], "cannot run the builder's Python '/nonexistent/python'"),
+        # this project's own Python has onnxruntime-genai, but the transformers < 5 that optimum-onnx pins
+        (["--genai-reference", sys.executable], "has transformers < 5 (the builder needs >= 5)"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(pair, capsys, args, message):
@@ -462,3 +468,33 @@ def test_rows_measured_on_a_busy_machine_or_with_spread_repeats_are_warned_about
     line = "warning: pruned torch/cpu/fp32/t2: 1-min load average 3.25 above the 2 cores while measuring"
     assert bench.format_table(doc).splitlines()[-1] == line
     assert bench.format_table(doc, markdown=True).splitlines()[-1] == f"- {line}"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SAAP_GENAI_BUILDER_PYTHON"),
+    reason="needs a virtualenv with onnxruntime-genai's builder (transformers >= 5): SAAP_GENAI_BUILDER_PYTHON",
+)
+def test_genai_reference_runs_the_builders_model_beside_ours(tmp_path, monkeypatch):
+    """--genai-reference: the builder's int4 of the dense alias, built once into the export cache, is
+    benchmarked beside our int4 export and paired with it in the references; no int8 twin exists."""
+    monkeypatch.setenv("SAAP_CACHE_DIR", str(tmp_path / "cache"))
+    settings = BenchSettings(
+        models=["smollm2-135m"],
+        engines=["onnx"],
+        quantizations={"onnx": ["int4", "int8"]},
+        threads=[2],
+        prompt_tokens=[8],
+        gen_tokens=4,
+        repeats=1,
+        warmup=0,
+        genai_reference=os.environ["SAAP_GENAI_BUILDER_PYTHON"],
+    )
+    doc = bench.run_bench(settings, progress=False)
+    rows = {(r["model"], r["quant"]): r for r in doc["results"]}
+    reference = "smollm2-135m" + bench.GENAI_REF
+    assert set(rows) == {("smollm2-135m", "int4"), ("smollm2-135m", "int8"), (reference, "int4")}
+    assert not any(r.get("failed") for r in rows.values())
+    assert (Path(rows[(reference, "int4")]["artifact"]) / "genai_config.json").is_file()
+    [pairing] = doc["references"]
+    assert pairing["ours"] == "smollm2-135m" and pairing["reference"] == reference
+    assert pairing["decode_ratio"]["median"] > 0
