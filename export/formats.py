@@ -16,7 +16,7 @@ DEFAULT_GRAPH = "auto"
 # saap export onnx --accuracy-level: ONNX Runtime's MatMulNBits accuracy_level for the fused graph's quantized
 # decoder projections. 0 = float32 activations: exact weights stay exact (100 % top-1 agreement on SmolLM2);
 # 4 = int8 activations, the onnxruntime-genai builder's CPU setting: faster where the float kernel is slow
-# (2x on an AVX2 EPYC) but ~96 % agreement (benchmarks/results/onnx-speed-smollm2-135m.md).
+# (~1.8x on an AVX2 EPYC) but ~96 % agreement (benchmarks/results/onnx-speed-smollm2-135m.md).
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_ACCURACY_LEVEL = 0
 DEFAULT_QUANT = "f16"  # saap export gguf: the default of llama.cpp's own convert_hf_to_gguf.py

@@ -684,9 +684,8 @@ def _write_fused(
 @dataclass(frozen=True)
 class GraphWriter:
     """One way to write ``model.onnx``: ``write(model, precision, fp32_path, out_path, progress, timings,
-    accuracy_level)``
-    leaves the fp32 graph at ``fp32_path`` and the ``precision`` one at ``out_path`` (the same path for
-    fp32) and returns its part of the record; ``genai_config(model)`` is its genai_config.json."""
+    accuracy_level)`` leaves the fp32 graph at ``fp32_path`` and the ``precision`` one at ``out_path`` (the
+    same path for fp32) and returns its part of the record; ``genai_config(model)`` is its genai_config.json."""
 
     precisions: tuple[str, ...]
     write: Callable[..., dict]

@@ -207,9 +207,15 @@ def _models(settings: BenchSettings, runs: list[RunConfig]) -> list[BenchModel]:
 
         check_builder(settings.genai_reference)  # before anything is measured
         for alias in aliases:
-            ref = BenchModel(alias.label + GENAI_REF, alias.spec, "genai-ref", reference_of=alias.spec)
-            ref.builder = settings.genai_reference
-            models.append(ref)
+            models.append(
+                BenchModel(
+                    alias.label + GENAI_REF,
+                    alias.spec,
+                    "genai-ref",
+                    reference_of=alias.spec,
+                    builder=settings.genai_reference,
+                )
+            )
     return models
 
 
