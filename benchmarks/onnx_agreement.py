@@ -12,6 +12,7 @@ also measures the onnxruntime.quantization schemes the exporter does not use (--
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -113,6 +114,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args()
+    if not args.no_baselines and importlib.util.find_spec("onnx_ir") is None:
+        # onnxruntime.quantization's MatMulNBitsQuantizer imports it; saap itself does not need it
+        raise SystemExit("the onnxruntime.quantization baselines need onnx_ir (pip install onnx_ir), or --no-baselines")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
