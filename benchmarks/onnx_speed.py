@@ -155,8 +155,12 @@ def markdown(data: dict) -> str:
             cells.append(f"**{st['median']:.1f}** ({st['min']:.0f}–{st['max']:.0f})" if st else "failed")
         lines.append(f"| {name} | {sizes[name] / 1e6:.0f} | {cells[0]} | {cells[1]} | {top1:.2%} |")
     lines += ["", "Ratios (median tok/s, same driver):", ""]
-    pairs = [("saap-int4", "genai-builder-int4"), ("saap-int4-acc4", "genai-builder-int4")]
-    for ours, theirs in [*pairs, ("saap-fp32", "genai-builder-fp32")]:
+    pairs = [
+        ("saap-int4", "genai-builder-int4"),
+        ("saap-int4-acc4", "genai-builder-int4"),
+        ("saap-fp32", "genai-builder-fp32"),
+    ]
+    for ours, theirs in pairs:
         for engine in ("onnx", "onnx-genai"):
             a, b = speed.get((ours, engine)), speed.get((theirs, engine))
             if a and b:

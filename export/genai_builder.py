@@ -27,9 +27,9 @@ SOURCE_DIR = "dense-hf"
 def check_builder(python: str) -> None:
     """One clear line unless ``python`` runs and has onnxruntime-genai's builder and transformers >= 5."""
     probe = (
-        "import importlib.util, sys, transformers; "
-        "sys.exit(0 if importlib.util.find_spec('onnxruntime_genai.models.builder') else 3) "
-        "if int(transformers.__version__.split('.')[0]) >= 5 else sys.exit(4)"
+        "import importlib.util, sys, transformers\n"
+        "if int(transformers.__version__.split('.')[0]) < 5: sys.exit(4)\n"
+        "if importlib.util.find_spec('onnxruntime_genai.models.builder') is None: sys.exit(3)\n"
     )
     try:
         done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120)

@@ -199,23 +199,18 @@ class _Linears:
             if key_x not in g.shared:
                 g.shared[key_x] = g.node("Concat", [x] * planes, f"{x}/x{planes}/Concat", axis=-1)
             a = g.shared[key_x]
-        level = self.level(0)
-        main = f"{name}/MatMulNBits/output_0"
-        g.nodes.append(
-            g.nbits_node(
-                f"{name}/MatMulNBits",
-                a,
-                g.init(f"{name}.qweight", packed),
-                g.init(f"{name}.scales", scales),
-                main,
-                k * planes,
-                n,
-                4,
-                level,
-            )
-        )
+        main = self._nbits(name, a, packed, scales, k * planes, n, self.level(0))
         offset = g.node("MatMul", [g.shared[key], g.init(f"{name}.offsets", offsets)], f"{name}/Offset/MatMul")
         return g.node("Add", [main, offset], f"{name}/Offset/Add")
+
+    def _nbits(self, base: str, a: str, packed: np.ndarray, scales: np.ndarray, k: int, n: int, level: int = 0) -> str:
+        """``a @ W`` as one 4-bit MatMulNBits (implicit zero point 8) on the initializers ``{base}.qweight`` /
+        ``{base}.scales``; returns its output."""
+        g = self.g
+        out = f"{base}/MatMulNBits/output_0"
+        qweight, qscales = g.init(f"{base}.qweight", packed), g.init(f"{base}.scales", scales)
+        g.nodes.append(g.nbits_node(f"{base}/MatMulNBits", a, qweight, qscales, out, k, n, 4, level))
+        return out
 
     def _folded(self, x: str, weight: np.ndarray, bits: int, name: str) -> str:
         """The ``offsets`` scheme in one MatMulNBits: the block sums ride along as extra input columns
@@ -225,14 +220,7 @@ class _Linears:
         k, n = weight.shape
         q, scales, planes = fold_offsets(weight, bits)
         a = self._with_blocksums(x, k, planes)
-        g, level = self.g, self.level(0)
-        return g.node(
-            "MatMulNBits",
-            [a, g.init(f"{name}.qweight", pack_nibbles(q)), g.init(f"{name}.scales", scales)],
-            f"{name}/MatMulNBits",
-            domain=MS_DOMAIN, K=q.shape[1] * BLOCK, N=n, bits=4, block_size=BLOCK,
-            **({"accuracy_level": level} if level else {}),
-        )  # fmt: skip
+        return self._nbits(name, a, pack_nibbles(q), scales, q.shape[1] * BLOCK, n, self.level(0))
 
     def _with_blocksums(self, x: str, k: int, planes: int) -> str:
         """``[x] * planes + blocksum_matrix(k)(x)``, shared by the projections that read ``x``."""
@@ -242,12 +230,7 @@ class _Linears:
         sums = f"{x}/offset_inputs"
         if sums not in g.shared:
             q, scales = blocksum_matrix(k)
-            g.shared[sums] = g.node(
-                "MatMulNBits",
-                [x, g.init(f"{x}.blocksums.qweight", pack_nibbles(q)), g.init(f"{x}.blocksums.scales", scales)],
-                f"{x}/blocksums/MatMulNBits",
-                domain=MS_DOMAIN, K=k, N=q.shape[0], bits=4, block_size=BLOCK,
-            )  # fmt: skip
+            g.shared[sums] = self._nbits(f"{x}.blocksums", x, pack_nibbles(q), scales, k, q.shape[0])
         key = f"{x}/folded{planes}"
         if key not in g.shared:
             g.shared[key] = g.node("Concat", [x] * planes + [g.shared[sums]], f"{x}/folded{planes}/Concat", axis=-1)
