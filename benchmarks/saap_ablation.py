@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fused-measured-16samples": ("--search-samples", "16"),
     "fused-measured-2pass": ("--search-passes", "2"),
     "fused-measured-4samples": ("--search-samples", "4"),
+    "fused-measured-c4-ls": ("--calibration", WEB_CALIBRATION, "--compensation", "least-squares"),
     "element-measured": ("--ablation", "element"),
     "fused-uniform": ("--allocation", "uniform-range"),
     "sum-uniform": ("--ablation", "sum", "--allocation", "uniform-range"),
@@ -104,7 +105,8 @@ def markdown(data: dict) -> str:
         "vector- and element-wise Taylor scores (SAAP), `sum` = plain sum of the normalised scores, `vector` / "
         "`element` = one score alone; `measured` = depth and width allocated on measured calibration KL (the default; "
         "`2pass`: re-measured at the first plan, `4samples` / `16samples`: KL on 4 / 16 sequences instead of 8; `c4`: "
-        "calibrated on C4 web text instead of the sitting's calibration text), `uniform` = one ratio in "
+        "calibrated on C4 web text instead of the sitting's calibration text; `ls`: then o_proj / down_proj "
+        "re-fitted by least squares, `--compensation least-squares`), `uniform` = one ratio in "
         "layers 4–27, `adaptive` = the global search ranked by importance per parameter × (1 + CV), `nofluct` = that "
         "search without the fluctuation term. "
         "w_V share = the vector-wise score's weight / (vector + element weights) in the fused score (attention, MLP). "

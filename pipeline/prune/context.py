@@ -39,6 +39,7 @@ class PruneContext:
     batches: list[torch.Tensor] | None
     settings: Any  # PruneSettings (method-specific knobs: fluctuation weight, search size...)
     progress: bool = True
+    compensation_batches: list[torch.Tensor] | None = None  # a compensation's own calibration windows
 
     @property
     def config(self):

@@ -39,6 +39,8 @@ from runtime.surgery import (
     shrink_layer,
 )
 
+FORWARD_BATCH = 8  # calibration sequences per no-gradient forward (the compensation's statistics)
+
 
 def dispatch(model: nn.Module, device_map: str | dict = "auto", force_hooks: bool = False) -> dict:
     """Spread ``model`` over the available devices with accelerate (whole decoder layers per device).
@@ -99,14 +101,21 @@ def shrink_model(model: nn.Module, scores: GroupScores, plan: list[LayerShape]) 
 
 
 def calibration(loaded: LoadedModel, settings: PruneSettings):
-    """``(batches, provenance)``, or ``(None, None)`` when neither half of the method reads data."""
+    """``(batches, compensation batches, provenance)``; ``None`` for what the method does not read."""
     if not settings.needs_calibration:
-        return None, None
+        return None, None, None
     path = resolve_data_file(settings.calibration)
     batches = calibration_batches(
         loaded.tokenizer, path, settings.num_samples, settings.seq_len, settings.batch_size, settings.seed
     )
-    return batches, {"path": str(path), "sha256": sha256_file(path)}
+    extra = None
+    if getattr(COMPENSATIONS.get(settings.compensation), "needs_calibration", False):
+        # forward passes only (no gradients), so batched; more windows than the importance's, as a
+        # least-squares fit over a few thousand tokens generalises worse than slicing alone
+        extra = calibration_batches(
+            loaded.tokenizer, path, settings.compensation_samples, settings.seq_len, FORWARD_BATCH, settings.seed + 1
+        )
+    return batches, extra, {"path": str(path), "sha256": sha256_file(path)}
 
 
 def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -> dict:
@@ -116,19 +125,22 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
     shapes, total = layer_shapes(config), model_parameter_count(model)
     budget = check_budget(config, shapes, total, settings)
     importance, allocation = IMPORTANCES[settings.importance], ALLOCATIONS[settings.allocation]
-    compensation = COMPENSATIONS[settings.compensation] if settings.compensation else None
-    if compensation:  # only parameter budgets pair with one (settings check)
+    compensation = COMPENSATIONS.get(settings.compensation)
+    if compensation and compensation.adds_parameters:  # only parameter budgets pair with one (settings check)
         budget = parameter_budget(config, int(budget.remove) + compensation.extra_params(config, shapes))
+    if compensation:
         compensation.prepare(config)
     remove = int(budget.remove) if budget.unit == "parameters" else 0
-    batches, data = calibration(loaded, settings)
-    ctx = PruneContext(model, shapes, total, remove, budget, settings.align, batches, settings, progress)
+    batches, compensation_batches, data = calibration(loaded, settings)
+    ctx = PruneContext(
+        model, shapes, total, remove, budget, settings.align, batches, settings, progress, compensation_batches
+    )
     record: dict = {"device_map": dispatch(model, settings.device_map)} if settings.device_map else {}
     try:
         scored = importance.score(ctx)
         plan, planned = allocation.plan(ctx, scored)
         if compensation:
-            record |= compensation.apply(model, scored, plan)
+            record |= compensation.apply(ctx, scored, plan)
         shrink_model(model, scored.scores, plan)
     finally:
         if settings.device_map:

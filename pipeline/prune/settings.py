@@ -14,6 +14,7 @@ from pipeline.saap import ABLATIONS
 from runtime.errors import SaapError
 
 DEVICE_MAPS = ("auto",)
+NO_COMPENSATION = "none"
 # the budget fields: exactly one is given (--ratio 0.2 when none is)
 BUDGETS = ("ratio", "target_params", "target_decode_bytes", "target_speedup", "target_tok_s")
 
@@ -48,7 +49,12 @@ class PruneSettings:
     search_samples: int = option(8, "measured allocation: calibration sequences the KL is measured on")
     search_passes: int = option(1, "measured allocation: measure-and-solve passes (2+: re-measured at the plan)")
     width_levels: int = option(4, "measured allocation: MLP widths measured per layer (others interpolated)")
-    bias_compensation: bool = option(True, "flap: fold the removed channels' mean output into o_proj/down_proj biases")
+    compensation: str | None = option(
+        None,
+        "adjust the kept weights for what was removed (default: the method's; none: slicing alone)",
+        choices=[*sorted(COMPENSATIONS), NO_COMPENSATION],
+    )
+    compensation_samples: int = option(256, "least-squares compensation: calibration sequences its fit reads")
     device_map: str | None = option(
         None, "spread the model over all devices for estimation (accelerate)", choices=DEVICE_MAPS
     )
@@ -61,13 +67,17 @@ class PruneSettings:
         self.importance = self.importance or preset.importance
         self.allocation = self.allocation or preset.allocation
         self.calibration = self.calibration or preset.calibration
+        self.compensation = self.compensation or preset.compensation or NO_COMPENSATION
         for flag, value, registry in (
             ("importance", self.importance, IMPORTANCES),
             ("allocation", self.allocation, ALLOCATIONS),
+            ("compensation", self.compensation, [*COMPENSATIONS, NO_COMPENSATION]),
         ):
             if value not in registry:
                 raise SaapError(f"unknown {flag} '{value}' (choose from {', '.join(sorted(registry))})")
         self._check_pairing()
+        if self.speed_budget and getattr(COMPENSATIONS.get(self.compensation), "adds_parameters", False):
+            raise SaapError(f"--compensation {self.compensation} adds parameters: it meets parameter budgets only")
         if self.speed_budget and not ALLOCATIONS[self.allocation].any_budget:
             fits = ", ".join(sorted(n for n, a in ALLOCATIONS.items() if a.any_budget))
             raise SaapError(f"--allocation {self.allocation} meets parameter budgets only; a speed budget needs {fits}")
@@ -79,8 +89,10 @@ class PruneSettings:
             raise SaapError(f"--ablation is one of {', '.join(ABLATIONS)}, got '{self.ablation}'")
         if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise SaapError("--num-samples, --seq-len and --batch-size must be positive")
-        if min(self.search_samples, self.search_passes, self.width_levels) < 1:
-            raise SaapError("--search-samples, --search-passes and --width-levels must be positive")
+        if min(self.search_samples, self.search_passes, self.width_levels, self.compensation_samples) < 1:
+            raise SaapError(
+                "--search-samples, --search-passes, --width-levels and --compensation-samples must be positive"
+            )
 
     def _check_pairing(self) -> None:
         """An importance and an allocation (and compensation) that can work together."""
@@ -90,11 +102,11 @@ class PruneSettings:
             raise SaapError(f"--allocation {self.allocation} needs --importance {needs}, got '{self.importance}'")
         if not importance.ranks_groups and not allocation.needs_importance:
             raise SaapError(f"--importance {self.importance} scores whole layers: use --allocation whole-layers")
-        compensation = COMPENSATIONS.get(self.compensation)
-        if compensation and self.importance not in compensation.needs_importance:
+        needs = getattr(COMPENSATIONS.get(self.compensation), "needs_importance", None)
+        if needs and self.importance not in needs:
             raise SaapError(
-                f"{self.method}'s bias compensation reads --importance {' or '.join(compensation.needs_importance)}"
-                f" statistics, got '{self.importance}' (add --no-bias-compensation)"
+                f"--compensation {self.compensation} reads --importance {' or '.join(needs)}"
+                f" statistics, got '{self.importance}' (add --compensation {NO_COMPENSATION})"
             )
 
     def _check_budget(self) -> None:
@@ -124,9 +136,10 @@ class PruneSettings:
         return self.target_speedup is not None or self.target_tok_s is not None
 
     @property
-    def compensation(self) -> str | None:
-        return METHODS[self.method].compensation if self.bias_compensation else None
-
-    @property
     def needs_calibration(self) -> bool:
-        return IMPORTANCES[self.importance].needs_calibration or ALLOCATIONS[self.allocation].needs_calibration
+        compensation = COMPENSATIONS.get(self.compensation)
+        return (
+            IMPORTANCES[self.importance].needs_calibration
+            or ALLOCATIONS[self.allocation].needs_calibration
+            or (compensation is not None and compensation.needs_calibration)
+        )

@@ -59,7 +59,7 @@ def test_a_section_has_the_fields_types_and_defaults():
 @pytest.mark.parametrize(
     "config, settings_cls",
     [
-        (PruneConfig(method="flap", ratio=0.3, bias_compensation=False, num_samples=8), PruneSettings),
+        (PruneConfig(method="flap", ratio=0.3, compensation="none", num_samples=8), PruneSettings),
         (EvalConfig(tasks=["piqa", "arc_easy"], limit=10, ppl_windows=4), EvalSettings),
     ],
 )

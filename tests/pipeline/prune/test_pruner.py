@@ -83,7 +83,7 @@ def test_prune_end_to_end_on_a_tiny_model(tokenizer, text_file, importance):
         ({"importance": "block-influence"}, "scores whole layers"),
         ({"allocation": "whole-layers"}, "needs --importance block-influence"),
         ({"method": "llm-pruner", "allocation": "adaptive"}, "needs --importance saap-fused"),
-        ({"method": "flap", "importance": "magnitude"}, "add --no-bias-compensation"),
+        ({"method": "flap", "importance": "magnitude"}, "add --compensation none"),
         ({"search_passes": 0}, "search-passes"),
     ],
 )
