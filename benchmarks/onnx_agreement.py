@@ -116,7 +116,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.no_baselines and importlib.util.find_spec("onnx_ir") is None:
         # onnxruntime.quantization's MatMulNBitsQuantizer imports it; saap itself does not need it
-        raise SystemExit("the onnxruntime.quantization baselines need onnx_ir (pip install onnx_ir), or --no-baselines")
+        raise SystemExit(
+            "the onnxruntime.quantization baselines need onnx_ir (pip install -e .[bench]), or --no-baselines"
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
