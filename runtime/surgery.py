@@ -154,6 +154,11 @@ def attention_group_index(shape: LayerShape, hd: int) -> tuple[torch.Tensor, tor
     return q_rows, kv_rows
 
 
+def attention_columns(shape: LayerShape, hd: int, groups: torch.Tensor) -> torch.Tensor:
+    """The o_proj input columns of KV groups ``groups``: their query heads' outputs."""
+    return attention_group_index(shape, hd)[0][groups].flatten()
+
+
 def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     """A new, smaller nn.Linear keeping ``index`` along output (dim 0) or input (dim 1) features."""
     weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from pipeline import baselines
 from pipeline.prune.context import PruneContext, Scored
-from runtime.surgery import LayerShape, attention_group_index, has_attention, has_mlp, head_dim, kept_indices
+from runtime.surgery import LayerShape, attention_columns, has_attention, has_mlp, head_dim, kept_indices
 
 # Ridge added to each Gram matrix, as a fraction of its mean diagonal (SparseGPT's percdamp, there
 # 0.01): it keeps H[S, S] invertible and pulls the fit towards the sliced weights. Held-out C4 tokens
@@ -61,9 +61,6 @@ class LeastSquares:
     adds_parameters = False
     needs_calibration = True
 
-    def extra_params(self, config, shapes: list[LayerShape]) -> int:
-        return 0
-
     def prepare(self, config) -> None:
         pass
 
@@ -99,7 +96,7 @@ def kept_columns(ctx: PruneContext, scored: Scored, plan: list[LayerShape]) -> d
     for i, (layer, shape, target) in enumerate(zip(ctx.model.model.layers, ctx.shapes, plan, strict=True)):
         if has_attention(layer) and 0 < target.num_key_value_heads < shape.num_key_value_heads:
             groups = kept_indices(scored.scores.attention[i], target.num_key_value_heads)
-            kept[(i, "attention")] = attention_group_index(shape, hd)[0][groups].flatten()
+            kept[(i, "attention")] = attention_columns(shape, hd, groups)
         if has_mlp(layer) and 0 < target.intermediate_size < shape.intermediate_size:
             kept[(i, "mlp")] = kept_indices(scored.scores.mlp[i], target.intermediate_size)
     return kept

@@ -40,7 +40,7 @@ from pipeline.importance import GroupScores
 from pipeline.prune.context import PruneContext, Scored
 from pipeline.prune.units import kept_kv_counts
 from runtime.errors import SaapError
-from runtime.surgery import LayerShape, attention_group_index, has_attention, has_mlp, head_dim, kept_indices
+from runtime.surgery import LayerShape, attention_columns, has_attention, has_mlp, head_dim, kept_indices
 
 DP_STEPS = 4000  # budget resolution of the knapsack: 0.025 % of the budget
 SUPPORT_TOP = 32  # the KL's vocabulary: the union of every position's dense top 32
@@ -102,7 +102,7 @@ class Probe:
             scores = self.scores.attention[i] if module == "attention" else self.scores.mlp[i]
             keep = kept_indices(scores, kept)  # the groups slicing keeps
             if module == "attention":  # an attention group is its query heads' o_proj columns
-                keep = attention_group_index(shape, self.hd)[0][keep].flatten()
+                keep = attention_columns(shape, self.hd, keep)
                 full = shape.num_attention_heads * self.hd
             mask = torch.zeros(full)
             mask[keep] = 1.0

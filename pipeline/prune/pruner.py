@@ -20,7 +20,6 @@ from pipeline.data import calibration_batches, resolve_data_file
 from pipeline.importance import GroupScores
 from pipeline.prune.allocation import ALLOCATIONS
 from pipeline.prune.budget import DTYPE_BYTES, parameter_budget, parameters_to_remove, speed_budget
-from pipeline.prune.compensation import COMPENSATIONS
 from pipeline.prune.context import Budget, PruneContext
 from pipeline.prune.importance import IMPORTANCES
 from pipeline.prune.settings import PruneSettings
@@ -109,7 +108,7 @@ def calibration(loaded: LoadedModel, settings: PruneSettings):
         loaded.tokenizer, path, settings.num_samples, settings.seq_len, settings.batch_size, settings.seed
     )
     extra = None
-    if getattr(COMPENSATIONS.get(settings.compensation), "needs_calibration", False):
+    if settings.compensator and settings.compensator.needs_calibration:
         # forward passes only (no gradients), so batched; more windows than the importance's, as a
         # least-squares fit over a few thousand tokens generalises worse than slicing alone
         extra = calibration_batches(
@@ -125,7 +124,7 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
     shapes, total = layer_shapes(config), model_parameter_count(model)
     budget = check_budget(config, shapes, total, settings)
     importance, allocation = IMPORTANCES[settings.importance], ALLOCATIONS[settings.allocation]
-    compensation = COMPENSATIONS.get(settings.compensation)
+    compensation = settings.compensator
     if compensation and compensation.adds_parameters:  # only parameter budgets pair with one (settings check)
         budget = parameter_budget(config, int(budget.remove) + compensation.extra_params(config, shapes))
     if compensation:

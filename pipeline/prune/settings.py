@@ -76,7 +76,7 @@ class PruneSettings:
             if value not in registry:
                 raise SaapError(f"unknown {flag} '{value}' (choose from {', '.join(sorted(registry))})")
         self._check_pairing()
-        if self.speed_budget and getattr(COMPENSATIONS.get(self.compensation), "adds_parameters", False):
+        if self.speed_budget and self.compensator and self.compensator.adds_parameters:
             raise SaapError(f"--compensation {self.compensation} adds parameters: it meets parameter budgets only")
         if self.speed_budget and not ALLOCATIONS[self.allocation].any_budget:
             fits = ", ".join(sorted(n for n, a in ALLOCATIONS.items() if a.any_budget))
@@ -102,7 +102,7 @@ class PruneSettings:
             raise SaapError(f"--allocation {self.allocation} needs --importance {needs}, got '{self.importance}'")
         if not importance.ranks_groups and not allocation.needs_importance:
             raise SaapError(f"--importance {self.importance} scores whole layers: use --allocation whole-layers")
-        needs = getattr(COMPENSATIONS.get(self.compensation), "needs_importance", None)
+        needs = self.compensator and self.compensator.needs_importance
         if needs and self.importance not in needs:
             raise SaapError(
                 f"--compensation {self.compensation} reads --importance {' or '.join(needs)}"
@@ -136,10 +136,14 @@ class PruneSettings:
         return self.target_speedup is not None or self.target_tok_s is not None
 
     @property
+    def compensator(self):
+        """The compensation step of ``pipeline.prune.compensation``, or None for ``none``."""
+        return COMPENSATIONS.get(self.compensation)
+
+    @property
     def needs_calibration(self) -> bool:
-        compensation = COMPENSATIONS.get(self.compensation)
         return (
             IMPORTANCES[self.importance].needs_calibration
             or ALLOCATIONS[self.allocation].needs_calibration
-            or (compensation is not None and compensation.needs_calibration)
+            or bool(self.compensator and self.compensator.needs_calibration)
         )
