@@ -26,15 +26,16 @@ from _common import RESULTS, environment
 from quality import LATER_SETTINGS, PPL_SETS, add_sitting_arguments, evaluate_cell, prune_cell, settings_match
 
 from pipeline.data import BOOKS_CALIBRATION, WEB_CALIBRATION
+from pipeline.prune.methods import DEFAULT_NUM_SAMPLES
 from runtime.io import write_json_atomic, write_text_atomic
 
 # Held-out text that neither calibration nor the reported tables use: defaults are chosen on it, not on the
 # test splits (WikiText-2 test / PTB are reported beside it).
 DEV_SET = "calibration/wikipedia_articles.txt"
-# The first cells predate the --calibration setting: they were made on the books.
-ABLATION_LATER_SETTINGS = LATER_SETTINGS | {"calibration": BOOKS_CALIBRATION}
+# The first cells predate the --calibration and --num-samples settings: books, 32 sequences.
+ABLATION_LATER_SETTINGS = LATER_SETTINGS | {"calibration": BOOKS_CALIBRATION, "num_samples": DEFAULT_NUM_SAMPLES}
 
-# name -> extra `saap prune` flags (after --calibration, so a variant's own --calibration wins); the
+# name -> extra `saap prune` flags (after --calibration / --num-samples, so a variant's own win); the
 # first is SAAP's default allocation and importance.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "fused-measured": (),
@@ -43,6 +44,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fused-measured-2pass": ("--search-passes", "2"),
     "fused-measured-4samples": ("--search-samples", "4"),
     "fused-measured-c4-ls": ("--calibration", WEB_CALIBRATION, "--compensation", "least-squares"),
+    "fused-measured-c4-16samples": ("--calibration", WEB_CALIBRATION, "--search-samples", "16"),
+    "fused-measured-c4-64calib": ("--calibration", WEB_CALIBRATION, "--num-samples", "64"),
     "element-measured": ("--ablation", "element"),
     "fused-uniform": ("--allocation", "uniform-range"),
     "sum-uniform": ("--ablation", "sum", "--allocation", "uniform-range"),
@@ -58,6 +61,7 @@ def cell_settings(args: argparse.Namespace, variant: str) -> dict:
         "model": args.model,
         "flags": list(VARIANTS[variant]),
         "calibration": args.calibration,
+        "num_samples": args.num_samples,
         "dev_set": DEV_SET,
         "limit": args.limit,
         "ppl_windows": args.ppl_windows,
@@ -73,7 +77,7 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, path: Path) -
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "pruned"
         cell = {"variant": variant, "ratio": ratio, "settings": cell_settings(args, variant)}
-        flags = ("--calibration", args.calibration, *VARIANTS[variant])
+        flags = ("--calibration", args.calibration, "--num-samples", str(args.num_samples), *VARIANTS[variant])
         cell["prune"] = prune_cell("saap", ratio, args.model, model, args.device, flags)
         cell |= evaluate_cell(str(model), args, Path(tmp) / "eval.json", (DEV_SET, *PPL_SETS))
     cell["total_wall_s"] = round(time.perf_counter() - started, 1)
@@ -104,13 +108,15 @@ def markdown(data: dict) -> str:
         "it), WikiText-2 (test) and PTB (validation). `fused` = uncertainty-weighted fusion of the "
         "vector- and element-wise Taylor scores (SAAP), `sum` = plain sum of the normalised scores, `vector` / "
         "`element` = one score alone; `measured` = depth and width allocated on measured calibration KL (the default; "
-        "`2pass`: re-measured at the first plan, `4samples` / `16samples`: KL on 4 / 16 sequences instead of 8; `c4`: "
-        "calibrated on C4 web text instead of the sitting's calibration text; `ls`: then o_proj / down_proj "
+        "`2pass`: re-measured at the first plan, `4samples` / `16samples`: KL on 4 / 16 sequences instead of 8; "
+        "`64calib`: importance scored on 64 calibration sequences instead of 32; `c4`: calibrated on C4 web text "
+        "instead of the sitting's calibration text; `ls`: then o_proj / down_proj "
         "re-fitted by least squares, `--compensation least-squares`), `uniform` = one ratio in "
         "layers 4–27, `adaptive` = the global search ranked by importance per parameter × (1 + CV), `nofluct` = that "
         "search without the fluctuation term. "
         "w_V share = the vector-wise score's weight / (vector + element weights) in the fused score (attention, MLP). "
-        f"Calibration text of every variant (unless it names its own): `{data['settings']['calibration']}`.",
+        f"Calibration text of every variant (unless it names its own): `{data['settings']['calibration']}`, "
+        f"{data['settings'].get('num_samples', DEFAULT_NUM_SAMPLES)} sequences.",
         "",
         "| variant | ratio | removed | dev (Wikipedia) | WikiText-2 | PTB | "
         + "".join(f"{t} | " for t in tasks)
@@ -164,6 +170,10 @@ def main() -> None:
     # One text for every variant, so the rows compare components, not calibration texts; the books are
     # what the committed cells were made with (saap's default became C4 later: the -c4 variant).
     parser.add_argument("--calibration", default=BOOKS_CALIBRATION, help="calibration text of every variant")
+    # The same holds for the sequences scored (saap's default became 64 later: the -64calib variant).
+    parser.add_argument(
+        "--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="calibration sequences of every variant"
+    )
     args = parser.parse_args()
 
     cells, missing = [], []

@@ -28,6 +28,7 @@ import time
 from pipeline.data import calibration_batches, resolve_data_file
 from pipeline.options import add_options, options
 from pipeline.prune import PruneSettings, shape_record
+from pipeline.prune.methods import DEFAULT_NUM_SAMPLES
 from runtime.errors import SaapError
 from runtime.models import LoadedModel
 from runtime.surgery import (
@@ -45,7 +46,7 @@ def prune_with_torch_pruning(
     importance: str = "taylor",
     align: int = PruneSettings.align,  # the calibration pass as saap prune's, from its defaults
     calibration: str = PruneSettings.calibration,
-    num_samples: int = PruneSettings.num_samples,
+    num_samples: int | None = PruneSettings.num_samples,
     seq_len: int = PruneSettings.seq_len,
     seed: int = PruneSettings.seed,
 ) -> dict:
@@ -68,7 +69,7 @@ def prune_with_torch_pruning(
         a = layer.self_attn
         ignored += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.down_proj]
     path = resolve_data_file(calibration)
-    batches = calibration_batches(loaded.tokenizer, path, num_samples, seq_len, 1, seed)
+    batches = calibration_batches(loaded.tokenizer, path, num_samples or DEFAULT_NUM_SAMPLES, seq_len, 1, seed)
     if importance == "taylor":
         scorer = tp.importance.GroupTaylorImportance()
         model.requires_grad_(False)

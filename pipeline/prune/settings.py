@@ -37,7 +37,7 @@ class PruneSettings:
         None, "how many go from each layer (default: the method's)", choices=sorted(ALLOCATIONS)
     )
     calibration: str | None = option(None, "text/jsonl/json calibration file (default: the method's)")
-    num_samples: int = option(32, "calibration sequences")
+    num_samples: int | None = option(None, "calibration sequences (default: the method's, 64 for saap, else 32)")
     seq_len: int = option(128, "tokens per calibration sequence")
     # Gradients accumulate across batches; 1 keeps peak memory lowest (and SAAP's statistics per sample).
     batch_size: int = option(1, "calibration sequences per backward pass (memory)")
@@ -67,6 +67,7 @@ class PruneSettings:
         self.importance = self.importance or preset.importance
         self.allocation = self.allocation or preset.allocation
         self.calibration = self.calibration or preset.calibration
+        self.num_samples = preset.num_samples if self.num_samples is None else self.num_samples  # 0 is refused below
         self.compensation = self.compensation or preset.compensation or NO_COMPENSATION
         for flag, value, registry in (
             ("importance", self.importance, IMPORTANCES),
