@@ -116,7 +116,7 @@ def markdown(data: dict) -> str:
         "search without the fluctuation term. "
         "w_V share = the vector-wise score's weight / (vector + element weights) in the fused score (attention, MLP). "
         f"Calibration text of every variant (unless it names its own): `{data['settings']['calibration']}`, "
-        f"{data['settings'].get('num_samples', DEFAULT_NUM_SAMPLES)} sequences.",
+        f"{data['settings']['num_samples']} sequences.",
         "",
         "| variant | ratio | removed | dev (Wikipedia) | WikiText-2 | PTB | "
         + "".join(f"{t} | " for t in tasks)

@@ -46,7 +46,7 @@ def prune_with_torch_pruning(
     importance: str = "taylor",
     align: int = PruneSettings.align,  # the calibration pass as saap prune's, from its defaults
     calibration: str = PruneSettings.calibration,
-    num_samples: int | None = PruneSettings.num_samples,
+    num_samples: int = DEFAULT_NUM_SAMPLES,  # a baseline: the baselines' count, not saap's
     seq_len: int = PruneSettings.seq_len,
     seed: int = PruneSettings.seed,
 ) -> dict:
@@ -69,7 +69,7 @@ def prune_with_torch_pruning(
         a = layer.self_attn
         ignored += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.down_proj]
     path = resolve_data_file(calibration)
-    batches = calibration_batches(loaded.tokenizer, path, num_samples or DEFAULT_NUM_SAMPLES, seq_len, 1, seed)
+    batches = calibration_batches(loaded.tokenizer, path, num_samples, seq_len, 1, seed)
     if importance == "taylor":
         scorer = tp.importance.GroupTaylorImportance()
         model.requires_grad_(False)
@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    num_samples = DEFAULT_NUM_SAMPLES if args.num_samples is None else args.num_samples
     try:
         loaded = load_model(args.model)
         record = prune_with_torch_pruning(
-            loaded, args.ratio, args.importance, args.align, args.calibration, args.num_samples, args.seq_len, args.seed
+            loaded, args.ratio, args.importance, args.align, args.calibration, num_samples, args.seq_len, args.seed
         )
         save_checkpoint(loaded.model, loaded.tokenizer, args.out, record, overwrite=args.overwrite)
     except SaapError as e:

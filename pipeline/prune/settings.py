@@ -37,7 +37,7 @@ class PruneSettings:
         None, "how many go from each layer (default: the method's)", choices=sorted(ALLOCATIONS)
     )
     calibration: str | None = option(None, "text/jsonl/json calibration file (default: the method's)")
-    num_samples: int | None = option(None, "calibration sequences (default: the method's, 64 for saap, else 32)")
+    num_samples: int | None = option(None, "calibration sequences (default: the method's)")
     seq_len: int = option(128, "tokens per calibration sequence")
     # Gradients accumulate across batches; 1 keeps peak memory lowest (and SAAP's statistics per sample).
     batch_size: int = option(1, "calibration sequences per backward pass (memory)")
