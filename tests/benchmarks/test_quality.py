@@ -55,7 +55,12 @@ def test_ablation_table_reports_weights_and_removed_blocks(tmp_path):
     no_attention = {"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 1024}
     data = {
         "regenerate": "python benchmarks/saap_ablation.py",
-        "settings": {"ppl_windows": None, "tasks": [], "calibration": "calibration/simplebooks92_valid.txt"},
+        "settings": {
+            "ppl_windows": None,
+            "tasks": [],
+            "calibration": "calibration/simplebooks92_valid.txt",
+            "num_samples": 32,
+        },
         "cells": [_cell("fused-uniform", 170.0, [full, full]), _cell("fused-adaptive", 250.0, [full, no_attention])],
         "missing": ["sum-uniform-0.2"],
     }
