@@ -46,6 +46,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fused-measured-c4-ls": ("--calibration", WEB_CALIBRATION, "--compensation", "least-squares"),
     "fused-measured-c4-16samples": ("--calibration", WEB_CALIBRATION, "--search-samples", "16"),
     "fused-measured-c4-64calib": ("--calibration", WEB_CALIBRATION, "--num-samples", "64"),
+    "fused-measured-c4-64calib-evo": (
+        ("--calibration", WEB_CALIBRATION, "--num-samples", "64", "--search-generations", "24")
+    ),
     "element-measured": ("--ablation", "element"),
     "fused-uniform": ("--allocation", "uniform-range"),
     "sum-uniform": ("--ablation", "sum", "--allocation", "uniform-range"),
@@ -109,7 +112,8 @@ def markdown(data: dict) -> str:
         "vector- and element-wise Taylor scores (SAAP), `sum` = plain sum of the normalised scores, `vector` / "
         "`element` = one score alone; `measured` = depth and width allocated on measured calibration KL (the default; "
         "`2pass`: re-measured at the first plan, `4samples` / `16samples`: KL on 4 / 16 sequences instead of 8; "
-        "`64calib`: importance scored on 64 calibration sequences instead of 32; `c4`: calibrated on C4 web text "
+        "`64calib`: importance scored on 64 calibration sequences instead of 32; `evo`: the plan then evolved as a "
+        "whole on its calibration KL for 24 generations, `--search-generations 24`; `c4`: calibrated on C4 web text "
         "instead of the sitting's calibration text; `ls`: then o_proj / down_proj "
         "re-fitted by least squares, `--compensation least-squares`), `uniform` = one ratio in "
         "layers 4–27, `adaptive` = the global search ranked by importance per parameter × (1 + CV), `nofluct` = that "

@@ -9,7 +9,8 @@ the config alone, so ``saap run`` refuses an unreachable one before any work.
 * ``global-threshold``: FLAP's one threshold over every group of the model, weighted by cost;
 * ``whole-layers``: ShortGPT's lowest-scoring whole layers, then attention blocks;
 * ``adaptive``: SAAP's first search, cheapest fused importance per parameter first (kept for the ablation);
-* ``measured``: depth and width chosen on the measured KL of each change (``pipeline.prune.measured``).
+* ``measured``: depth and width chosen on the measured KL of each change (``pipeline.prune.measured``),
+  then, with ``--search-generations``, evolved as whole plans (``pipeline.prune.evolve``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.prune.context import PruneContext, Scored
+from pipeline.prune.evolve import refine
 from pipeline.prune.measured import measured_plan
 from pipeline.prune.units import remove_cheapest
 from runtime.errors import SaapError
@@ -187,7 +189,11 @@ class Measured(Allocation):
     needs_calibration = True  # the KL is measured on calibration sequences
 
     def plan(self, ctx, scored):
-        return measured_plan(ctx, scored)
+        shapes, record = measured_plan(ctx, scored)
+        if ctx.settings.search_generations:
+            shapes, evolution = refine(ctx, scored, shapes)
+            record |= evolution
+        return shapes, record
 
 
 ALLOCATIONS: dict[str, Allocation] = {

@@ -53,6 +53,10 @@ class Keep:
     kv: int
     width: int
 
+    @classmethod
+    def of(cls, shape: LayerShape) -> Keep:
+        return cls(shape.num_key_value_heads, shape.intermediate_size)
+
 
 class Probe:
     """The model with some groups masked, and the KL of its outputs to the dense model's.
@@ -274,7 +278,7 @@ def solve(costs: list[LayerCosts], ctx: PruneContext) -> dict[int, Keep]:
     chosen = choose(options, ctx.budget.remove)
     if chosen is None:
         raise SaapError(f"the budget ({ctx.budget.remove:,.1f} {ctx.budget.unit}) is out of reach of any plan")
-    whole = [Keep(s.num_key_value_heads, s.intermediate_size) for s in ctx.shapes]
+    whole = [Keep.of(s) for s in ctx.shapes]
     return {i: keeps[j] for i, (keeps, j) in enumerate(zip(candidates, chosen, strict=True)) if keeps[j] != whole[i]}
 
 

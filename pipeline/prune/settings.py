@@ -49,6 +49,7 @@ class PruneSettings:
     search_samples: int = option(8, "measured allocation: calibration sequences the KL is measured on")
     search_passes: int = option(1, "measured allocation: measure-and-solve passes (2+: re-measured at the plan)")
     width_levels: int = option(4, "measured allocation: MLP widths measured per layer (others interpolated)")
+    search_generations: int = option(0, "measured allocation: generations evolving the whole plan on its KL (0: off)")
     compensation: str | None = option(
         None,
         "adjust the kept weights for what was removed (default: the method's; none: slicing alone)",
@@ -90,6 +91,8 @@ class PruneSettings:
             raise SaapError(f"--ablation is one of {', '.join(ABLATIONS)}, got '{self.ablation}'")
         if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise SaapError("--num-samples, --seq-len and --batch-size must be positive")
+        if self.search_generations < 0:
+            raise SaapError(f"--search-generations must be 0 or more, got {self.search_generations}")
         if min(self.search_samples, self.search_passes, self.width_levels, self.compensation_samples) < 1:
             raise SaapError(
                 "--search-samples, --search-passes, --width-levels and --compensation-samples must be positive"

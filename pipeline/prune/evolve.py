@@ -1,0 +1,150 @@
+"""Whole-plan refinement of the measured search: an evolutionary search over plans (EvoPress).
+
+The knapsack adds up costs measured one layer at a time, but removals interact: the errors of
+separate layers do not add up (EvoPress, Sieberling et al. 2024). So, starting from the knapsack's
+plan, a (1 + ``OFFSPRING``) evolution mutates whole plans and keeps a child only when its
+whole-model KL to the dense model is lower.
+
+* **Mutation.** One to three random layers take a step back (one KV group or ``align`` MLP channels
+  more kept); then random other layers take a step forward until the budget is met again. A child
+  that overshoots the budget by more than the start plan or ``SLACK`` of it is drawn again, so the
+  search cannot drift far from the requested size.
+* **Fitness.** The KL on the search sequences, run from the earliest layer the child changes, on
+  the parent's cached inputs of that layer (about half a forward on average).
+* **Overfitting guard.** The evolved plan replaces the knapsack's only if its KL is lower on
+  held-out calibration sequences that neither search scored.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.importance import GroupScores
+from pipeline.prune.context import PruneContext, Scored
+from pipeline.prune.measured import Keep, Probe, aligned_widths
+from pipeline.prune.units import kept_kv_counts
+from runtime.surgery import LayerShape
+
+OFFSPRING = 8  # children per generation (EvoPress's lambda)
+SLACK = 0.01  # a child may save up to 1 % more than the budget (or the start plan's overshoot)
+MAX_DRAWS = 50  # redraws of a child over the budget before the generation goes on without it
+
+
+@dataclass(frozen=True)
+class Space:
+    """Each layer's grid of keeps (ascending KV counts and widths) and what a plan saves."""
+
+    kv: list[list[int]]
+    widths: list[list[int]]
+    ctx: PruneContext
+
+    @classmethod
+    def of(cls, ctx: PruneContext) -> Space:
+        kv = [kept_kv_counts(ctx.config, s, i, ctx.align) for i, s in enumerate(ctx.shapes)]
+        return cls(kv, [aligned_widths(s.intermediate_size, ctx.align) for s in ctx.shapes], ctx)
+
+    def steps(self, i: int, keep: Keep, direction: int) -> list[Keep]:
+        """The keeps one step from ``keep`` in layer i: ``direction`` +1 keeps more, -1 keeps less."""
+        out = []
+        for values, current, make in (
+            (self.kv[i], keep.kv, lambda v: Keep(v, keep.width)),
+            (self.widths[i], keep.width, lambda v: Keep(keep.kv, v)),
+        ):
+            j = values.index(current) + direction
+            if 0 <= j < len(values):
+                out.append(make(values[j]))
+        return out
+
+    def saving(self, keeps: list[Keep]) -> float:
+        total = 0.0
+        for i, (shape, k) in enumerate(zip(self.ctx.shapes, keeps, strict=True)):
+            total += self.ctx.budget.saved(i, shape, LayerShape(k.kv * shape.queries_per_kv_head, k.kv, k.width))
+        return total
+
+
+def mutate(keeps: list[Keep], space: Space, limit: float, rng: random.Random) -> list[Keep] | None:
+    """A child of ``keeps`` that saves between the budget and ``limit``; None if the draw overshoots."""
+    child, grown = list(keeps), set()
+    for _ in range(rng.randint(1, 3)):
+        layers = [i for i in range(len(child)) if space.steps(i, child[i], +1)]
+        if not layers:
+            break
+        i = rng.choice(layers)
+        child[i] = rng.choice(space.steps(i, child[i], +1))
+        grown.add(i)
+    need = space.ctx.budget.remove
+    while (saved := space.saving(child)) < need:
+        steps = [(i, k) for i in range(len(child)) if i not in grown for k in space.steps(i, child[i], -1)]
+        if not steps:
+            return None
+        i, child[i] = rng.choice(steps)
+    return child if saved <= limit and child != keeps else None
+
+
+def as_plan(keeps: list[Keep], whole: list[Keep]) -> dict[int, Keep]:
+    return {i: k for i, (k, w) in enumerate(zip(keeps, whole, strict=True)) if k != w}
+
+
+def evolve(probe: Probe, start: list[Keep], ctx: PruneContext, bar) -> tuple[list[Keep], dict]:
+    """``search_generations`` generations from ``start``; the lowest-KL plan found, and its record."""
+    space, rng = Space.of(ctx), random.Random(ctx.settings.seed)
+    whole = [Keep.of(s) for s in ctx.shapes]
+    parent, limit = start, max(space.saving(start), ctx.budget.remove * (1 + SLACK))
+    inputs, parent_kl = probe.inputs_under(as_plan(parent, whole))
+    start_kl, improved = parent_kl, 0
+    for _ in range(ctx.settings.search_generations):
+        best = None
+        for _ in range(OFFSPRING):
+            child = next((c for _ in range(MAX_DRAWS) if (c := mutate(parent, space, limit, rng))), None)
+            bar.update()
+            if child is None:
+                continue
+            first = min(i for i, (a, b) in enumerate(zip(child, parent, strict=True)) if a != b)
+            probe.plan = as_plan(child, whole)
+            kl = probe.kl_from(first, inputs[first])
+            if kl < parent_kl and (best is None or kl < best[0]):
+                best = (kl, child)
+        if best:
+            parent, improved = best[1], improved + 1
+            inputs, parent_kl = probe.inputs_under(as_plan(parent, whole))
+    record = {"generations": ctx.settings.search_generations, "offspring": OFFSPRING, "improved": improved,
+              "kl_start": round(start_kl, 6), "kl_end": round(parent_kl, 6)}  # fmt: skip
+    return parent, record
+
+
+def plan_kl(ctx: PruneContext, scores: GroupScores, tokens: torch.Tensor, plans: list[list[Keep]]) -> list[float]:
+    """Each plan's whole-model KL on ``tokens``."""
+    whole = [Keep.of(s) for s in ctx.shapes]
+    probe = Probe(ctx.model, tokens, scores, ctx.shapes)
+    try:
+        return [probe.inputs_under(as_plan(plan, whole))[1] for plan in plans]
+    finally:
+        probe.close()
+
+
+def refine(ctx: PruneContext, scored: Scored, shapes: list[LayerShape]) -> tuple[list[LayerShape], dict]:
+    """Evolve the knapsack's ``shapes``; keep the result if it also has the lower held-out KL."""
+    n = ctx.settings.search_samples
+    sequences = torch.cat(ctx.batches)
+    search, held_out = sequences[:n], sequences[n : 2 * n]
+    start = [Keep.of(s) for s in shapes]
+    total = ctx.settings.search_generations * OFFSPRING
+    bar = tqdm(total=total, desc="plan evolution", unit="child", disable=not ctx.progress)
+    probe = Probe(ctx.model, search, scored.scores, ctx.shapes)
+    try:
+        evolved, record = evolve(probe, start, ctx, bar)
+    finally:
+        bar.close()
+        probe.close()
+    kept = evolved
+    if len(held_out):  # no held-out sequences (fewer than 2 x search samples): the search KL decides
+        before, after = plan_kl(ctx, scored.scores, held_out, [start, evolved])
+        record["held_out"] = {"samples": len(held_out), "kl_start": round(before, 6), "kl_end": round(after, 6)}
+        kept = evolved if after < before else start
+    record["kept"] = "evolved" if kept is evolved else "knapsack"
+    q = [s.queries_per_kv_head for s in ctx.shapes]
+    return [LayerShape(k.kv * q[i], k.kv, k.width) for i, k in enumerate(kept)], {"evolution": record}

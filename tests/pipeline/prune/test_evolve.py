@@ -1,0 +1,87 @@
+import random
+
+import pytest
+import torch
+
+from pipeline.prune import PruneSettings, prune
+from pipeline.prune.budget import parameter_budget
+from pipeline.prune.context import PruneContext
+from pipeline.prune.evolve import SLACK, Space, evolve, mutate
+from pipeline.prune.measured import Keep, Probe
+from runtime.errors import SaapError
+from runtime.models import LoadedModel
+from runtime.surgery import LayerShape, layer_parameter_count, layer_shapes, model_parameter_count
+from tests.conftest import make_model
+from tests.pipeline.prune.test_measured import random_scores, tokens
+
+
+def context(model, remove, generations=0, seed=0):
+    shapes = layer_shapes(model.config)
+    settings = PruneSettings(search_samples=4, search_generations=generations, seed=seed)
+    return PruneContext(model, shapes, model_parameter_count(model), remove, parameter_budget(model.config, remove), 16,
+                        [tokens(8)], settings, progress=False)  # fmt: skip
+
+
+def removal(model, keeps):
+    shapes = layer_shapes(model.config)
+    q = shapes[0].queries_per_kv_head
+    after = [LayerShape(k.kv * q, k.kv, k.width) for k in keeps]
+    return sum(layer_parameter_count(model.config, s) for s in shapes) - sum(
+        layer_parameter_count(model.config, s) for s in after
+    )
+
+
+@pytest.mark.parametrize("heads,kv_heads,tied", [(4, 4, True), (4, 2, False)])
+def test_every_child_meets_the_budget_without_overshooting_it(heads, kv_heads, tied):
+    model = make_model(heads=heads, kv_heads=kv_heads, layers=4, intermediate=64, tied=tied)
+    parent = [Keep(kv_heads, 64), Keep(kv_heads // 2, 32), Keep(0, 0), Keep(kv_heads, 16)]
+    ctx = context(model, removal(model, parent))
+    space, rng = Space.of(ctx), random.Random(0)
+    limit = ctx.budget.remove * (1 + SLACK) + layer_parameter_count(model.config, ctx.shapes[0]) // 8
+    children = [c for _ in range(200) if (c := mutate(parent, space, limit, rng))]
+    assert len(children) > 20
+    for child in children:
+        assert child != parent
+        assert ctx.budget.remove <= removal(model, child) <= limit
+        assert all(k.kv in space.kv[i] and k.width in space.widths[i] for i, k in enumerate(child))
+    assert len({tuple(c) for c in children}) > 5  # the draws explore, not one move
+
+
+def test_evolution_moves_the_removal_to_the_layer_that_does_nothing():
+    model = make_model(heads=4, kv_heads=2, layers=4, intermediate=64).eval()
+    with torch.no_grad():  # layer 2's MLP writes (almost) nothing into the residual stream
+        model.model.layers[2].mlp.down_proj.weight.mul_(1e-4)
+    whole = [Keep(2, 64)] * 4
+    start = [Keep(2, 64), Keep(2, 32), Keep(2, 32), Keep(2, 64)]  # half of layer 1's MLP and of layer 2's
+    ctx = context(model, removal(model, start), generations=30)
+    probe = Probe(model, tokens(4), random_scores(ctx.shapes), ctx.shapes)
+
+    class Bar:
+        def update(self):
+            pass
+
+    try:
+        evolved, record = evolve(probe, start, ctx, Bar())
+    finally:
+        probe.close()
+    assert record["kl_end"] < record["kl_start"] and record["improved"] >= 1
+    assert evolved == [whole[0], whole[1], Keep(2, 0), whole[3]]  # the knapsack's additive costs missed it
+    assert record["kl_end"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("heads,kv_heads,tied", [(4, 4, True), (8, 4, False)])
+def test_saap_with_evolution_meets_the_budget_and_records_the_search(tokenizer, text_file, heads, kv_heads, tied):
+    model = make_model(heads=heads, kv_heads=kv_heads, layers=4, intermediate=256, head_dim=8, tied=tied)
+    settings = PruneSettings(ratio=0.3, align=8, calibration=str(text_file), num_samples=4, seq_len=16,
+                             search_samples=2, search_generations=3)  # fmt: skip
+    record = prune(LoadedModel(model, tokenizer, {"name": "tiny"}), settings, progress=False)
+    assert 0.3 <= record["ratio_achieved"] <= 0.3 + 0.3 * SLACK + 0.01
+    evolution = record["evolution"]
+    assert evolution["generations"] == 3 and evolution["kl_end"] <= evolution["kl_start"]
+    assert evolution["held_out"]["samples"] == 2 and evolution["kept"] in ("evolved", "knapsack")
+    assert record["params_after"] == model_parameter_count(model)
+
+
+def test_negative_generations_are_refused():
+    with pytest.raises(SaapError, match="--search-generations"):
+        PruneSettings(search_generations=-1)
