@@ -89,6 +89,8 @@ def prune_cell(method: str, ratio: float, model: str, out: Path, device: str, ex
     }
     if "saap" in record:  # the learned fusion weights, for the ablation tables
         cell["metric_weights"] = record["saap"]["metric_weights"]
+    if "evolution" in record:  # what the whole-plan search found, and whether the held-out KL kept it
+        cell["evolution"] = record["evolution"]
     return cell
 
 

@@ -9,10 +9,13 @@ whole-model KL to the dense model is lower.
   more kept); then random other layers take a step forward until the budget is met again. A child
   that overshoots the budget by more than the start plan or ``SLACK`` of it is drawn again, so the
   search cannot drift far from the requested size.
-* **Fitness.** The KL on the search sequences, run from the earliest layer the child changes, on
-  the parent's cached inputs of that layer (about half a forward on average).
+* **Fitness.** The KL on twice the search's sequences, run from the earliest layer the child
+  changes, on the parent's cached inputs of that layer. As in EvoPress, selection is in two steps:
+  every child on ``SCREEN`` sequences, the ``FINALISTS`` lowest on all of them. Scored on the
+  knapsack's 8 sequences alone, the evolved 20 % plan of SmolLM2-135M had lowered their KL by 6 %
+  and raised it on held-out ones (0.701 -> 0.707): it had fitted those 8.
 * **Overfitting guard.** The evolved plan replaces the knapsack's only if its KL is lower on
-  held-out calibration sequences that neither search scored.
+  held-out calibration sequences that neither search scored (the next ``search_samples``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pipeline.prune.units import kept_kv_counts
 from runtime.surgery import LayerShape
 
 OFFSPRING = 8  # children per generation (EvoPress's lambda)
+SCREEN = 4  # fitness sequences every child is first scored on (EvoPress's multi-step selection) ...
+FINALISTS = 2  # ... and how many of the lowest go on to be scored on all of them
 SLACK = 0.01  # a child may save up to 1 % more than the budget (or the start plan's overshoot)
 MAX_DRAWS = 50  # redraws of a child over the budget before the generation goes on without it
 
@@ -96,24 +101,29 @@ def evolve(probe: Probe, start: list[Keep], ctx: PruneContext, bar) -> tuple[lis
     parent, limit = start, max(space.saving(start), ctx.budget.remove * (1 + SLACK))
     inputs, parent_kl = probe.inputs_under(as_plan(parent, whole))
     start_kl, improved = parent_kl, 0
+
+    def score(child: list[Keep], rows: int | None = None) -> float:
+        first = min(i for i, (a, b) in enumerate(zip(child, parent, strict=True)) if a != b)
+        probe.plan = as_plan(child, whole)
+        return probe.kl_from(first, inputs[first][:rows])
+
     for _ in range(ctx.settings.search_generations):
-        best = None
-        for _ in range(OFFSPRING):
-            child = next((c for _ in range(MAX_DRAWS) if (c := mutate(parent, space, limit, rng))), None)
-            bar.update()
-            if child is None:
-                continue
-            first = min(i for i, (a, b) in enumerate(zip(child, parent, strict=True)) if a != b)
-            probe.plan = as_plan(child, whole)
-            kl = probe.kl_from(first, inputs[first])
-            if kl < parent_kl and (best is None or kl < best[0]):
-                best = (kl, child)
-        if best:
+        children = [c for _ in range(OFFSPRING) if (c := draw(parent, space, limit, rng))]
+        bar.update()
+        finalists = sorted(children, key=lambda c: score(c, SCREEN))[:FINALISTS]
+        best = min(((score(c), c) for c in finalists), default=None, key=lambda t: t[0])
+        if best and best[0] < parent_kl:
             parent, improved = best[1], improved + 1
             inputs, parent_kl = probe.inputs_under(as_plan(parent, whole))
     record = {"generations": ctx.settings.search_generations, "offspring": OFFSPRING, "improved": improved,
-              "kl_start": round(start_kl, 6), "kl_end": round(parent_kl, 6)}  # fmt: skip
+              "fitness_samples": len(inputs[0])}  # fmt: skip
+    record |= {"kl_start": round(start_kl, 6), "kl_end": round(parent_kl, 6)}
     return parent, record
+
+
+def draw(parent: list[Keep], space: Space, limit: float, rng: random.Random) -> list[Keep] | None:
+    """A child within the budget's limits, or None after MAX_DRAWS overshooting draws."""
+    return next((c for _ in range(MAX_DRAWS) if (c := mutate(parent, space, limit, rng))), None)
 
 
 def plan_kl(ctx: PruneContext, scores: GroupScores, tokens: torch.Tensor, plans: list[list[Keep]]) -> list[float]:
@@ -130,18 +140,17 @@ def refine(ctx: PruneContext, scored: Scored, shapes: list[LayerShape]) -> tuple
     """Evolve the knapsack's ``shapes``; keep the result if it also has the lower held-out KL."""
     n = ctx.settings.search_samples
     sequences = torch.cat(ctx.batches)
-    search, held_out = sequences[:n], sequences[n : 2 * n]
+    fitness, held_out = sequences[: 2 * n], sequences[2 * n : 3 * n]
     start = [Keep.of(s) for s in shapes]
-    total = ctx.settings.search_generations * OFFSPRING
-    bar = tqdm(total=total, desc="plan evolution", unit="child", disable=not ctx.progress)
-    probe = Probe(ctx.model, search, scored.scores, ctx.shapes)
+    bar = tqdm(total=ctx.settings.search_generations, desc="plan evolution", unit="gen", disable=not ctx.progress)
+    probe = Probe(ctx.model, fitness, scored.scores, ctx.shapes)
     try:
         evolved, record = evolve(probe, start, ctx, bar)
     finally:
         bar.close()
         probe.close()
     kept = evolved
-    if len(held_out):  # no held-out sequences (fewer than 2 x search samples): the search KL decides
+    if len(held_out):  # no held-out sequences (fewer than 3 x search samples): the search KL decides
         before, after = plan_kl(ctx, scored.scores, held_out, [start, evolved])
         record["held_out"] = {"samples": len(held_out), "kl_start": round(before, 6), "kl_end": round(after, 6)}
         kept = evolved if after < before else start

@@ -135,11 +135,18 @@ class Probe:
         return kwargs, inputs
 
     def _run(self, start: int, hidden: torch.Tensor, inputs: list | None = None) -> torch.Tensor:
-        """The final hidden states, running layers ``start..`` on ``hidden`` (``inputs``: record each layer's input)."""
+        """The final hidden states, running layers ``start..`` on ``hidden`` (``inputs``: record each layer's input).
+
+        ``hidden`` may hold the first rows of the probe's sequences only (a cheaper screening run):
+        the causal mask is the same for every row, so it is cut to match."""
+        kwargs = dict(self.kwargs)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape[0] > hidden.shape[0]:
+            kwargs["attention_mask"] = mask[: hidden.shape[0]]
         for i in range(start, len(self.layers)):
             if inputs is not None:
                 inputs[i] = hidden
-            out = self.layers[i](hidden, **self.kwargs)
+            out = self.layers[i](hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return self.model.model.norm(hidden)
 
@@ -163,11 +170,13 @@ class Probe:
         self.dense_logp = torch.log_softmax(logits[..., self.support], dim=-1)
 
     def kl(self, final_hidden: torch.Tensor) -> float:
-        """Mean KL(dense || current plan) per token, on the support, from the final hidden states."""
+        """Mean KL(dense || current plan) per token, on the support, from the final hidden states (of
+        every sequence, or of the first ones)."""
         self.runs += 1
+        dense = self.dense_logp[: final_hidden.shape[0]]
         with torch.no_grad():
             logq = torch.log_softmax(self._logits(final_hidden, self.support), dim=-1)
-            return float((self.dense_logp.exp() * (self.dense_logp - logq)).sum(-1).mean())
+            return float((dense.exp() * (dense - logq)).sum(-1).mean())
 
     def kl_from(self, start: int, hidden: torch.Tensor) -> float:
         """The KL of the current plan, running from layer ``start`` on its input ``hidden``."""

@@ -72,12 +72,13 @@ def test_evolution_moves_the_removal_to_the_layer_that_does_nothing():
 @pytest.mark.parametrize("heads,kv_heads,tied", [(4, 4, True), (8, 4, False)])
 def test_saap_with_evolution_meets_the_budget_and_records_the_search(tokenizer, text_file, heads, kv_heads, tied):
     model = make_model(heads=heads, kv_heads=kv_heads, layers=4, intermediate=256, head_dim=8, tied=tied)
-    settings = PruneSettings(ratio=0.3, align=8, calibration=str(text_file), num_samples=4, seq_len=16,
+    settings = PruneSettings(ratio=0.3, align=8, calibration=str(text_file), num_samples=6, seq_len=16,
                              search_samples=2, search_generations=3)  # fmt: skip
     record = prune(LoadedModel(model, tokenizer, {"name": "tiny"}), settings, progress=False)
     assert 0.3 <= record["ratio_achieved"] <= 0.3 + 0.3 * SLACK + 0.01
     evolution = record["evolution"]
     assert evolution["generations"] == 3 and evolution["kl_end"] <= evolution["kl_start"]
+    assert evolution["fitness_samples"] == 4  # twice the search's
     assert evolution["held_out"]["samples"] == 2 and evolution["kept"] in ("evolved", "knapsack")
     assert record["params_after"] == model_parameter_count(model)
 
@@ -85,3 +86,19 @@ def test_saap_with_evolution_meets_the_budget_and_records_the_search(tokenizer, 
 def test_negative_generations_are_refused():
     with pytest.raises(SaapError, match="--search-generations"):
         PruneSettings(search_generations=-1)
+
+
+def test_screening_on_the_first_sequences_measures_their_kl_alone():
+    """A run on the first rows of the probe's batch (its mask cut to them) gives those rows' KL in the full run."""
+    model = make_model(heads=4, kv_heads=2, layers=3, intermediate=64).eval()
+    shapes = layer_shapes(model.config)
+    probe = Probe(model, tokens(4), random_scores(shapes), shapes)
+    try:
+        inputs, _ = probe.inputs_under({1: Keep(1, 32)})
+        first_rows = probe.kl_from(1, inputs[1][:2])
+        with torch.no_grad():
+            in_full_run = probe.kl(probe._run(1, inputs[1])[:2])
+    finally:
+        probe.close()
+    assert first_rows == pytest.approx(in_full_run, rel=1e-5)
+    assert first_rows > 0
