@@ -34,6 +34,7 @@ def main() -> None:
             record = json.loads(Path(f"{tmp}/out/saap.json").read_text())
             run["settings"] = {k: record["settings"][k] for k in ("calibration", "num_samples", "seq_len")}
             run["search"] = record.get("measured")  # its own seconds and partial-forward count
+            run["evolution"] = record.get("evolution")  # the whole-plan search after it
             run["prune_seconds"] = record["prune_seconds"]
             runs.append(run)
     wall = sorted(r["wall_s"] for r in runs)[len(runs) // 2]
@@ -55,11 +56,13 @@ def main() -> None:
         f"(`{used['calibration']}`)\n\n"
         f"Regenerate: `python benchmarks/prune_cost.py` ({data['environment']['cpu']}, "
         f"{data['environment']['cores']} cores)\n\n"
-        "| run | wall (s) | of which measured search (s) | search partial forwards | peak RSS (MB) |\n"
-        "|---|---|---|---|---|\n"
+        "| run | wall (s) | of which measured search (s) | search partial forwards | of which plan evolution (s) "
+        "| peak RSS (MB) |\n"
+        "|---|---|---|---|---|---|\n"
         + "".join(
             f"| {i + 1} | {r['wall_s']} | {(r['search'] or {}).get('seconds', '-')} | "
-            f"{(r['search'] or {}).get('runs', '-')} | {r['peak_rss_mb']} |\n"
+            f"{(r['search'] or {}).get('runs', '-')} | {(r.get('evolution') or {}).get('seconds', '-')} "
+            f"| {r['peak_rss_mb']} |\n"
             for i, r in enumerate(runs)
         )
         + f"\nMedian wall {wall} s (target <= {TARGET_SECONDS}), peak RSS {rss} MB (target <= {TARGET_RSS_MB}): "
@@ -81,7 +84,15 @@ def scaling(run: dict) -> str:
         f"partial forwards of {search['search_samples']} x 128 tokens, {per_run * 1000:.0f} ms each. It grows as "
         "passes x layers x (kept-KV counts + width levels + 2) partial forwards of search-samples x seq-len tokens, "
         "each about half a forward of the model; the importance pass is one forward + backward per calibration "
-        "sequence.\n"
+        "sequence."
+        + (
+            f" The plan evolution ({evolution['generations']} generations) took {evolution['seconds']} s: per "
+            "generation 8 children on 4 sequences and 2 on 16, each from the earliest layer it changes (about "
+            "64 sequence half-forwards a generation), growing as generations x layers x tokens."
+            if (evolution := run.get("evolution"))
+            else ""
+        )
+        + "\n"
     )
 
 

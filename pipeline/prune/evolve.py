@@ -21,6 +21,7 @@ whole-model KL to the dense model is lower.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -138,7 +139,7 @@ def plan_kl(ctx: PruneContext, scores: GroupScores, tokens: torch.Tensor, plans:
 
 def refine(ctx: PruneContext, scored: Scored, shapes: list[LayerShape]) -> tuple[list[LayerShape], dict]:
     """Evolve the knapsack's ``shapes``; keep the result if it also has the lower held-out KL."""
-    n = ctx.settings.search_samples
+    n, started = ctx.settings.search_samples, time.perf_counter()
     sequences = torch.cat(ctx.batches)
     fitness, held_out = sequences[: 2 * n], sequences[2 * n : 3 * n]
     start = [Keep.of(s) for s in shapes]
@@ -150,10 +151,11 @@ def refine(ctx: PruneContext, scored: Scored, shapes: list[LayerShape]) -> tuple
         bar.close()
         probe.close()
     kept = evolved
-    if len(held_out):  # no held-out sequences (fewer than 3 x search samples): the search KL decides
+    if len(held_out) and evolved != start:  # no held-out sequences (under 3 x search samples): the search KL decides
         before, after = plan_kl(ctx, scored.scores, held_out, [start, evolved])
         record["held_out"] = {"samples": len(held_out), "kl_start": round(before, 6), "kl_end": round(after, 6)}
         kept = evolved if after < before else start
-    record["kept"] = "evolved" if kept is evolved else "knapsack"
+    record["kept"] = "knapsack" if kept == start else "evolved"
+    record["seconds"] = round(time.perf_counter() - started, 1)
     q = [s.queries_per_kv_head for s in ctx.shapes]
     return [LayerShape(k.kv * q[i], k.kv, k.width) for i, k in enumerate(kept)], {"evolution": record}
