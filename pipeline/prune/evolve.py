@@ -66,10 +66,8 @@ class Space:
         return out
 
     def saving(self, keeps: list[Keep]) -> float:
-        total = 0.0
-        for i, (shape, k) in enumerate(zip(self.ctx.shapes, keeps, strict=True)):
-            total += self.ctx.budget.saved(i, shape, LayerShape(k.kv * shape.queries_per_kv_head, k.kv, k.width))
-        return total
+        shapes = enumerate(zip(self.ctx.shapes, keeps, strict=True))
+        return sum(self.ctx.budget.saved(i, shape, k.shape(shape)) for i, (shape, k) in shapes)
 
 
 def mutate(keeps: list[Keep], space: Space, limit: float, rng: random.Random) -> list[Keep] | None:
@@ -157,5 +155,4 @@ def refine(ctx: PruneContext, scored: Scored, shapes: list[LayerShape]) -> tuple
         kept = evolved if after < before else start
     record["kept"] = "knapsack" if kept == start else "evolved"
     record["seconds"] = round(time.perf_counter() - started, 1)
-    q = [s.queries_per_kv_head for s in ctx.shapes]
-    return [LayerShape(k.kv * q[i], k.kv, k.width) for i, k in enumerate(kept)], {"evolution": record}
+    return [k.shape(s) for s, k in zip(ctx.shapes, kept, strict=True)], {"evolution": record}

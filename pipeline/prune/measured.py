@@ -57,6 +57,10 @@ class Keep:
     def of(cls, shape: LayerShape) -> Keep:
         return cls(shape.num_key_value_heads, shape.intermediate_size)
 
+    def shape(self, original: LayerShape) -> LayerShape:
+        """The layer shape this keep leaves of ``original`` (its queries per KV group unchanged)."""
+        return LayerShape(self.kv * original.queries_per_kv_head, self.kv, self.width)
+
 
 class Probe:
     """The model with some groups masked, and the KL of its outputs to the dense model's.
@@ -278,12 +282,9 @@ def solve(costs: list[LayerCosts], ctx: PruneContext) -> dict[int, Keep]:
     """The plan minimising the summed measured cost under the budget."""
     candidates, options = [], []
     for i, (shape, layer_costs) in enumerate(zip(ctx.shapes, costs, strict=True)):
-        q = shape.queries_per_kv_head
         keeps = [Keep(k, w) for k in layer_costs.attention for w in aligned_widths(shape.intermediate_size, ctx.align)]
         candidates.append(keeps)
-        options.append(
-            [(layer_costs.cost(k), ctx.budget.saved(i, shape, LayerShape(k.kv * q, k.kv, k.width))) for k in keeps]
-        )
+        options.append([(layer_costs.cost(k), ctx.budget.saved(i, shape, k.shape(shape))) for k in keeps])
     chosen = choose(options, ctx.budget.remove)
     if chosen is None:
         raise SaapError(f"the budget ({ctx.budget.remove:,.1f} {ctx.budget.unit}) is out of reach of any plan")
@@ -316,10 +317,7 @@ def measured_plan(ctx: PruneContext, scored: Scored) -> tuple[list[LayerShape], 
         bar.close()
         probe.close()
     chosen = best[1]
-    shapes = [
-        LayerShape(k.kv * s.queries_per_kv_head, k.kv, k.width) if (k := chosen.get(i)) else s
-        for i, s in enumerate(ctx.shapes)
-    ]
+    shapes = [k.shape(s) if (k := chosen.get(i)) else s for i, s in enumerate(ctx.shapes)]
     record = {
         "search_samples": len(tokens),
         "passes": passes,
