@@ -45,8 +45,16 @@ def plan_summary(record: dict) -> dict:
         "mlp_narrowed": sum(0 < a["intermediate_size"] < before["intermediate_size"] for a in after),
         "params_removed": round(record["ratio_achieved"], 4),
         "search_kl": record["measured"]["passes"][record["measured"]["kept_pass"] - 1]["kl"],
+        "evolution": record.get("evolution"),  # the whole-plan search after the knapsack, if it ran
         "shapes": [f"{a['num_key_value_heads']}/{a['intermediate_size']}" for a in after],
     }
+
+
+def evolution_cell(plan: dict) -> str:
+    """Which plan the held-out KL kept, and the KL the evolution moved on its fitness sequences."""
+    if not (e := plan.get("evolution")):
+        return "off"
+    return f"{e['kept']} (fitness KL {e['kl_start']:.3f} -> {e['kl_end']:.3f})"
 
 
 def bench_flags(specs: list[EngineSpec]) -> list[str]:
@@ -145,8 +153,9 @@ def markdown(data: dict, engines: list[str]) -> str:
         "",
         "| pruned for | predicted | "
         + " | ".join(f"measured on {e}" for e in engines)
-        + " | within ±10 % | params removed | layers / attention / MLP removed | narrowed attn / MLP | search KL |",
-        "|---|---|" + "---|" * len(engines) + "---|---|---|---|---|",
+        + " | within ±10 % | params removed | layers / attention / MLP removed | narrowed attn / MLP | search KL"
+        + " | plan evolution |",
+        "|---|---|" + "---|" * len(engines) + "---|---|---|---|---|---|",
     ]
     for engine, cell in data["cells"].items():
         p = cell["plan"]
@@ -156,7 +165,7 @@ def markdown(data: dict, engines: list[str]) -> str:
             + " | ".join(f"{m['median']:.3f} ({m['min']:.3f}-{m['max']:.3f})" if m else "n/a" for m in measured)
             + f" | {'yes' if cell['within_tolerance'] else '**no**'} | {p['params_removed']:.1%} | "
             f"{p['layers_removed']} / {p['attention_removed']} / {p['mlp_removed']} | "
-            f"{p['attention_narrowed']} / {p['mlp_narrowed']} | {p['search_kl']:.3f} |"
+            f"{p['attention_narrowed']} / {p['mlp_narrowed']} | {p['search_kl']:.3f} | {evolution_cell(p)} |"
         )
     lines += ["", "Kept shapes per layer (KV groups / MLP width):", ""]
     for engine, cell in data["cells"].items():
