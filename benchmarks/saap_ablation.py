@@ -35,21 +35,25 @@ DEV_SET = "calibration/wikipedia_articles.txt"
 # The first cells predate the --calibration and --num-samples settings: books, 32 sequences.
 ABLATION_LATER_SETTINGS = LATER_SETTINGS | {"calibration": BOOKS_CALIBRATION, "num_samples": DEFAULT_NUM_SAMPLES}
 
+# Measured variants without "evo" pin the plan evolution off: it became the default after their cells.
+NO_EVOLUTION = ("--search-generations", "0")
+C4_64 = ("--calibration", WEB_CALIBRATION, "--num-samples", "64")  # saap's default calibration
 # name -> extra `saap prune` flags (after --calibration / --num-samples, so a variant's own win); the
 # first is SAAP's default allocation and importance.
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "fused-measured": (),
-    "fused-measured-c4": ("--calibration", WEB_CALIBRATION),  # saap's default calibration text
-    "fused-measured-16samples": ("--search-samples", "16"),
-    "fused-measured-2pass": ("--search-passes", "2"),
-    "fused-measured-4samples": ("--search-samples", "4"),
-    "fused-measured-c4-ls": ("--calibration", WEB_CALIBRATION, "--compensation", "least-squares"),
-    "fused-measured-c4-16samples": ("--calibration", WEB_CALIBRATION, "--search-samples", "16"),
-    "fused-measured-c4-64calib": ("--calibration", WEB_CALIBRATION, "--num-samples", "64"),
-    "fused-measured-c4-64calib-evo": (
-        ("--calibration", WEB_CALIBRATION, "--num-samples", "64", "--search-generations", "24")
-    ),
-    "element-measured": ("--ablation", "element"),
+    "fused-measured": NO_EVOLUTION,
+    "fused-measured-c4": ("--calibration", WEB_CALIBRATION, *NO_EVOLUTION),  # saap's default calibration text
+    "fused-measured-16samples": ("--search-samples", "16", *NO_EVOLUTION),
+    "fused-measured-2pass": ("--search-passes", "2", *NO_EVOLUTION),
+    "fused-measured-4samples": ("--search-samples", "4", *NO_EVOLUTION),
+    "fused-measured-c4-ls": ("--calibration", WEB_CALIBRATION, "--compensation", "least-squares", *NO_EVOLUTION),
+    "fused-measured-c4-16samples": ("--calibration", WEB_CALIBRATION, "--search-samples", "16", *NO_EVOLUTION),
+    "fused-measured-c4-64calib": (*C4_64, *NO_EVOLUTION),
+    "fused-measured-c4-64calib-evo": (*C4_64, "--search-generations", "24"),
+    # the search's two halves alone: whole blocks (a measured ShortGPT) or narrowing (a measured LLM-Pruner)
+    "fused-measured-c4-64calib-depth": (*C4_64, "--search-moves", "depth", *NO_EVOLUTION),
+    "fused-measured-c4-64calib-width": (*C4_64, "--search-moves", "width", *NO_EVOLUTION),
+    "element-measured": ("--ablation", "element", *NO_EVOLUTION),
     "fused-uniform": ("--allocation", "uniform-range"),
     "sum-uniform": ("--ablation", "sum", "--allocation", "uniform-range"),
     "vector-uniform": ("--ablation", "vector", "--allocation", "uniform-range"),
@@ -57,6 +61,16 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fused-adaptive": ("--allocation", "adaptive"),
     "fused-adaptive-nofluct": ("--allocation", "adaptive", "--fluctuation-weight", "0"),
 }
+
+
+def cell_matches(cell: dict, current: dict) -> bool:
+    """Whether a stored cell was made with the ``current`` settings. A measured cell pruned before the
+    plan evolution existed has no evolution in its record: it ran as ``--search-generations 0`` asks."""
+    stored = cell["settings"]
+    evolution_flag = any(flag == NO_EVOLUTION[0] for flag in stored["flags"])
+    if current["flags"][-2:] == list(NO_EVOLUTION) and "evolution" not in cell["prune"] and not evolution_flag:
+        stored = stored | {"flags": [*stored["flags"], *NO_EVOLUTION]}
+    return settings_match(stored, current, ABLATION_LATER_SETTINGS)
 
 
 def cell_settings(args: argparse.Namespace, variant: str) -> dict:
@@ -113,7 +127,9 @@ def markdown(data: dict) -> str:
         "`element` = one score alone; `measured` = depth and width allocated on measured calibration KL (the default; "
         "`2pass`: re-measured at the first plan, `4samples` / `16samples`: KL on 4 / 16 sequences instead of 8; "
         "`64calib`: importance scored on 64 calibration sequences instead of 32; `evo`: the plan then evolved as a "
-        "whole on its calibration KL for 24 generations, `--search-generations 24`; `c4`: calibrated on C4 web text "
+        "whole on its calibration KL for 24 generations, `--search-generations 24` (the others without it); "
+        "`depth` / `width`: the search restricted to removing whole attention / MLP blocks, or to narrowing them, "
+        "`--search-moves`; `c4`: calibrated on C4 web text "
         "instead of the sitting's calibration text; `ls`: then o_proj / down_proj "
         "re-fitted by least squares, `--compensation least-squares`), `uniform` = one ratio in "
         "layers 4–27, `adaptive` = the global search ranked by importance per parameter × (1 + CV), `nofluct` = that "
@@ -184,9 +200,7 @@ def main() -> None:
     for ratio in args.ratios:
         for variant in args.variants:
             path = args.cells_dir / f"{variant}-{ratio:g}.json"
-            if path.is_file() and settings_match(
-                json.loads(path.read_text())["settings"], cell_settings(args, variant), ABLATION_LATER_SETTINGS
-            ):
+            if path.is_file() and cell_matches(json.loads(path.read_text()), cell_settings(args, variant)):
                 print(f"{path.name}: done, skipped", flush=True)
                 cells.append(json.loads(path.read_text()))
             elif args.stored_only:

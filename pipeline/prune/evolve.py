@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.importance import GroupScores
 from pipeline.prune.context import PruneContext, Scored
-from pipeline.prune.measured import Keep, Probe, aligned_widths
+from pipeline.prune.measured import MOVES, Keep, Probe, aligned_widths
 from pipeline.prune.units import kept_kv_counts
 from runtime.surgery import LayerShape
 
@@ -50,8 +50,9 @@ class Space:
 
     @classmethod
     def of(cls, ctx: PruneContext) -> Space:
-        kv = [kept_kv_counts(ctx.config, s, i, ctx.align) for i, s in enumerate(ctx.shapes)]
-        return cls(kv, [aligned_widths(s.intermediate_size, ctx.align) for s in ctx.shapes], ctx)
+        moves = MOVES[ctx.settings.search_moves]  # the same candidates as the knapsack's
+        kv = [moves(kept_kv_counts(ctx.config, s, i, ctx.align)) for i, s in enumerate(ctx.shapes)]
+        return cls(kv, [moves(aligned_widths(s.intermediate_size, ctx.align)) for s in ctx.shapes], ctx)
 
     def steps(self, i: int, keep: Keep, direction: int) -> list[Keep]:
         """The keeps one step from ``keep`` in layer i: ``direction`` +1 keeps more, -1 keeps less."""

@@ -17,6 +17,8 @@ Cross-layer exchange rates from first-order scores fail (SAAP's ``adaptive`` sea
 3. **Choice.** A multiple-choice knapsack (dynamic programme over the budget in 4000 steps) picks one
    candidate per layer minimising the summed cost, with the summed saving at least the budget.
    The saving is parameters, or predicted milliseconds per token for a speed requirement.
+   ``search_moves`` narrows the candidates for the ablation: ``depth`` keeps or removes whole blocks
+   (a measured ShortGPT), ``width`` only narrows (a measured LLM-Pruner); both are measured the same.
 4. **Interactions.** Errors of separate layers do not add up (EvoPress, Sieberling et al. 2024), so
    each further pass re-measures every candidate with the other layers at the current plan (the
    cost is then the KL with the layer at the candidate minus the KL with the layer whole) and solves
@@ -29,6 +31,7 @@ sequences, each from the measured layer to the logits: ~half a forward on averag
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +47,20 @@ from runtime.surgery import LayerShape, attention_columns, has_attention, has_ml
 
 DP_STEPS = 4000  # budget resolution of the knapsack: 0.025 % of the budget
 SUPPORT_TOP = 32  # the KL's vocabulary: the union of every position's dense top 32
+
+
+def _depth(values: list[int]) -> list[int]:
+    """Whole blocks only: a module kept whole (the last value) or removed (0)."""
+    return [v for v in values if v in (0, values[-1])]
+
+
+def _width(values: list[int]) -> list[int]:
+    """Narrowing only: no module removed (one with nothing left already stays at 0)."""
+    return [v for v in values if v > 0] or values
+
+
+# --search-moves: which of a module's kept sizes (ascending, the current one last) a plan may take.
+MOVES: dict[str, Callable[[list[int]], list[int]]] = {"depth+width": list, "depth": _depth, "width": _width}
 
 
 @dataclass(frozen=True)
@@ -280,9 +297,10 @@ def choose(options: list[list[tuple[float, float]]], need: float, steps: int = D
 
 def solve(costs: list[LayerCosts], ctx: PruneContext) -> dict[int, Keep]:
     """The plan minimising the summed measured cost under the budget."""
-    candidates, options = [], []
+    candidates, options, moves = [], [], MOVES[ctx.settings.search_moves]
     for i, (shape, layer_costs) in enumerate(zip(ctx.shapes, costs, strict=True)):
-        keeps = [Keep(k, w) for k in layer_costs.attention for w in aligned_widths(shape.intermediate_size, ctx.align)]
+        widths = moves(aligned_widths(shape.intermediate_size, ctx.align))
+        keeps = [Keep(k, w) for k in moves(sorted(layer_costs.attention)) for w in widths]
         candidates.append(keeps)
         options.append([(layer_costs.cost(k), ctx.budget.saved(i, shape, k.shape(shape))) for k in keeps])
     chosen = choose(options, ctx.budget.remove)
@@ -319,6 +337,7 @@ def measured_plan(ctx: PruneContext, scored: Scored) -> tuple[list[LayerShape], 
     chosen = best[1]
     shapes = [k.shape(s) if (k := chosen.get(i)) else s for i, s in enumerate(ctx.shapes)]
     record = {
+        "moves": settings.search_moves,
         "search_samples": len(tokens),
         "passes": passes,
         "kept_pass": best[2],

@@ -9,6 +9,7 @@ from pipeline.options import option
 from pipeline.prune.allocation import ALLOCATIONS
 from pipeline.prune.compensation import COMPENSATIONS
 from pipeline.prune.importance import IMPORTANCES
+from pipeline.prune.measured import MOVES
 from pipeline.prune.methods import METHODS
 from pipeline.saap import ABLATIONS
 from runtime.errors import SaapError
@@ -49,6 +50,11 @@ class PruneSettings:
     search_samples: int = option(8, "measured allocation: calibration sequences the KL is measured on")
     search_passes: int = option(1, "measured allocation: measure-and-solve passes (2+: re-measured at the plan)")
     width_levels: int = option(4, "measured allocation: MLP widths measured per layer (others interpolated)")
+    search_moves: str = option(
+        "depth+width",
+        "measured allocation: what a layer may take (depth: whole blocks only; width: narrowing only)",
+        choices=list(MOVES),
+    )
     # On the dev text the evolved 50 % plan has 22 % lower perplexity (409 -> 317); at 20 % the held-out
     # guard kept the knapsack's plan (benchmarks/results/saap-calibration-*.md).
     search_generations: int = option(24, "measured allocation: generations evolving the whole plan on its KL (0: off)")
@@ -93,6 +99,8 @@ class PruneSettings:
             raise SaapError(f"--ablation is one of {', '.join(ABLATIONS)}, got '{self.ablation}'")
         if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise SaapError("--num-samples, --seq-len and --batch-size must be positive")
+        if self.search_moves not in MOVES:
+            raise SaapError(f"--search-moves is one of {', '.join(MOVES)}, got '{self.search_moves}'")
         if self.search_generations < 0:
             raise SaapError(f"--search-generations must be 0 or more, got {self.search_generations}")
         if min(self.search_samples, self.search_passes, self.width_levels, self.compensation_samples) < 1:

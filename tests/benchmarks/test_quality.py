@@ -25,6 +25,20 @@ def test_cells_stored_before_the_device_setting_existed_still_match_a_cpu_run():
     assert not quality.settings_match(current, quality.cell_settings(_args(limit=None)))
 
 
+def test_measured_cells_pruned_before_the_plan_evolution_match_only_the_variants_that_pin_it_off():
+    args = _args(calibration="books.txt", num_samples=32)
+    current = saap_ablation.cell_settings(args, "fused-measured-c4-64calib")
+    old_flags = [f for f in current["flags"] if f not in saap_ablation.NO_EVOLUTION]
+    before = {"settings": current | {"flags": old_flags}, "prune": {"layers": []}}
+    assert saap_ablation.cell_matches(before, current)
+    evolved = {"settings": before["settings"], "prune": {"layers": [], "evolution": {"kept": "evolved"}}}
+    assert not saap_ablation.cell_matches(evolved, current)  # it ran with the evolution: not this variant
+    evo = saap_ablation.cell_settings(args, "fused-measured-c4-64calib-evo")
+    assert not saap_ablation.cell_matches(before, evo)
+    uniform = saap_ablation.cell_settings(args, "fused-uniform")
+    assert saap_ablation.cell_matches({"settings": uniform, "prune": {}}, uniform)
+
+
 def test_limit_takes_a_positive_count_or_all():
     assert quality.parse_limit("all") is None
     assert quality.parse_limit("300") == 300

@@ -102,3 +102,12 @@ def test_screening_on_the_first_sequences_measures_their_kl_alone():
         probe.close()
     assert first_rows == pytest.approx(in_full_run, rel=1e-5)
     assert first_rows > 0
+
+
+def test_with_depth_moves_the_evolution_steps_whole_blocks():
+    model = make_model(heads=4, kv_heads=2, layers=3, intermediate=64)
+    ctx = context(model, removal(model, [Keep(2, 64), Keep(0, 64), Keep(2, 0)]))
+    ctx.settings.search_moves = "depth"
+    space = Space.of(ctx)
+    assert space.kv == [[2], [0, 2], [0, 2]] and space.widths == [[0, 64]] * 3
+    assert space.steps(1, Keep(2, 64), -1) == [Keep(0, 64), Keep(2, 0)]

@@ -9,6 +9,7 @@ from pipeline.prune import PruneSettings, prune, shrink_model
 from pipeline.prune.budget import parameter_budget
 from pipeline.prune.context import PruneContext, Scored
 from pipeline.prune.measured import Keep, Probe, choose, measured_plan, width_levels
+from runtime.errors import SaapError
 from runtime.models import LoadedModel
 from runtime.surgery import LayerShape, layer_parameter_count, layer_shapes, model_parameter_count
 from tests.conftest import make_model
@@ -94,3 +95,22 @@ def test_saap_default_meets_the_budget_and_reloads_its_shapes(tokenizer, text_fi
     assert 0.3 <= record["ratio_achieved"] <= 0.31
     assert len(record["measured"]["passes"]) == passes
     assert record["params_after"] == model_parameter_count(model)
+
+
+@pytest.mark.parametrize("moves", ["depth", "width"])
+def test_search_moves_restrict_the_plan_to_whole_blocks_or_to_narrowing(tokenizer, text_file, moves):
+    model = make_model(heads=4, kv_heads=2, layers=4, intermediate=64)
+    settings = PruneSettings(ratio=0.3, align=8, calibration=str(text_file), num_samples=4, seq_len=16,
+                             search_samples=2, search_moves=moves, search_generations=4)  # fmt: skip
+    record = prune(LoadedModel(model, tokenizer, {"name": "tiny"}), settings, progress=False)
+    assert record["ratio_achieved"] >= 0.3 and record["measured"]["moves"] == moves
+    sizes = [(s.num_key_value_heads, s.intermediate_size) for s in layer_shapes(model.config)]
+    if moves == "depth":  # every module whole or gone, and some gone
+        assert all(kv in (0, 2) and width in (0, 64) for kv, width in sizes) and any(0 in size for size in sizes)
+    else:  # every module narrowed at most
+        assert all(kv > 0 and width > 0 for kv, width in sizes) and sizes != [(2, 64)] * 4
+
+
+def test_an_unknown_search_move_is_refused():
+    with pytest.raises(SaapError, match="--search-moves is one of depth\\+width, depth, width"):
+        PruneSettings(search_moves="layers")
