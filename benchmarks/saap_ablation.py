@@ -50,6 +50,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fused-measured-c4-16samples": ("--calibration", WEB_CALIBRATION, "--search-samples", "16", *NO_EVOLUTION),
     "fused-measured-c4-64calib": (*C4_64, *NO_EVOLUTION),
     "fused-measured-c4-64calib-evo": (*C4_64, "--search-generations", "24"),
+    # the default plus the opt-in least-squares refit of the narrowed projections
+    "fused-measured-c4-64calib-evo-ls": (*C4_64, "--search-generations", "24", "--compensation", "least-squares"),
     # the search's two halves alone: whole blocks (a measured ShortGPT) or narrowing (a measured LLM-Pruner)
     "fused-measured-c4-64calib-depth": (*C4_64, "--search-moves", "depth", *NO_EVOLUTION),
     "fused-measured-c4-64calib-width": (*C4_64, "--search-moves", "width", *NO_EVOLUTION),
