@@ -37,6 +37,8 @@ ABLATION_LATER_SETTINGS = LATER_SETTINGS | {"calibration": BOOKS_CALIBRATION, "n
 
 # Measured variants without "evo" pin the plan evolution off: it became the default after their cells.
 NO_EVOLUTION = ("--search-generations", "0")
+# Pinned rather than left to the default, so an "evo" cell means the same run if the default moves.
+EVOLUTION = ("--search-generations", "24")
 C4_64 = ("--calibration", WEB_CALIBRATION, "--num-samples", "64")  # saap's default calibration
 # name -> extra `saap prune` flags (after --calibration / --num-samples, so a variant's own win); the
 # first is SAAP's default allocation and importance.
@@ -49,9 +51,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fused-measured-c4-ls": ("--calibration", WEB_CALIBRATION, "--compensation", "least-squares", *NO_EVOLUTION),
     "fused-measured-c4-16samples": ("--calibration", WEB_CALIBRATION, "--search-samples", "16", *NO_EVOLUTION),
     "fused-measured-c4-64calib": (*C4_64, *NO_EVOLUTION),
-    "fused-measured-c4-64calib-evo": (*C4_64, "--search-generations", "24"),
+    "fused-measured-c4-64calib-evo": (*C4_64, *EVOLUTION),
     # the default plus the opt-in least-squares refit of the narrowed projections
-    "fused-measured-c4-64calib-evo-ls": (*C4_64, "--search-generations", "24", "--compensation", "least-squares"),
+    "fused-measured-c4-64calib-evo-ls": (*C4_64, *EVOLUTION, "--compensation", "least-squares"),
     # the search's two halves alone: whole blocks (a measured ShortGPT) or narrowing (a measured LLM-Pruner)
     "fused-measured-c4-64calib-depth": (*C4_64, "--search-moves", "depth", *NO_EVOLUTION),
     "fused-measured-c4-64calib-width": (*C4_64, "--search-moves", "width", *NO_EVOLUTION),
