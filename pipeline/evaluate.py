@@ -27,6 +27,9 @@ class EvalSettings:
     ppl_windows: int | None = option(None, "evaluate only the first N perplexity windows")
     tasks: list[str] = option(help="zero-shot tasks (lm-eval), or 'all' for the 7-task suite", factory=list)
     limit: int | None = option(None, "first N documents of every zero-shot task")
+    per_document: bool = option(
+        False, "also store each zero-shot document's label and predicted choice (for paired comparisons)"
+    )
     data_dir: Path | None = option(None, "directory with the zero-shot data (default: <data dir>/zeroshot)")
     generate: bool = option(False, "greedy generations from fixed prompts")
     batch_size: int = option(8, "sequences per forward pass")

@@ -178,8 +178,12 @@ def evaluate_zeroshot(
     data_root: Path | None = None,
     work_dir: Path | None = None,
     progress: bool = True,
+    per_document: bool = False,
 ) -> dict:
-    """Score ``model`` (a loaded object: pruned models have per-layer shapes) with lm-eval."""
+    """Score ``model`` (a loaded object: pruned models have per-layer shapes) with lm-eval.
+
+    ``per_document``: each task also gets every document's label and predicted choice (lm-eval's
+    ``log_samples``), so two models scored on the same documents can be compared pair by pair."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -194,7 +198,7 @@ def evaluate_zeroshot(
         for request in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
             setattr(lm, request, functools.partial(getattr(lm, request), disable_tqdm=True))
     manager = TaskManager(include_path=str(work_dir), include_defaults=False)
-    output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=per_document)
     results = {}
     for task in tasks:
         raw = output["results"][task]
@@ -206,6 +210,8 @@ def evaluate_zeroshot(
             "documents": output["n-samples"][task]["effective"],
             "all": {k.split(",")[0]: v for k, v in raw.items() if k.endswith(",none")},
         }
+        if per_document:
+            results[task] |= documents(output["samples"][task], metric)
     values = [r["value"] for r in results.values()]
     # stderr of a mean of independent task means: sqrt(sum se^2) / n
     errors = [r["stderr"] or 0.0 for r in results.values()]
@@ -216,6 +222,25 @@ def evaluate_zeroshot(
         "limit": limit,
         "lm_eval_version": _lm_eval_version(),
     }
+
+
+def documents(samples: list[dict], metric: str) -> dict:
+    """Each document's ``label`` and ``prediction`` (choice index) from lm-eval's logged samples, in order.
+
+    The prediction is lm-eval's own argmax: of the log-likelihoods for ``acc``, of the log-likelihood
+    per character of the choice for ``acc_norm``. It is checked against the score lm-eval logged."""
+    labels, predictions = [], []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        scores = [float(r[0]) for r in sample["filtered_resps"]]
+        if metric == "acc_norm":
+            scores = [s / len(c) for s, c in zip(scores, sample["doc"]["choices"], strict=True)]
+        prediction = max(range(len(scores)), key=scores.__getitem__)  # the first of a tie, as numpy's argmax
+        label = sample["doc"]["label"]  # lm-eval's "target" is WinoGrande's continuation text, not its index
+        if (prediction == label) != bool(sample[metric]):
+            raise SaapError(f"document {sample['doc_id']}: the predicted choice does not reproduce lm-eval's {metric}")
+        labels.append(label)
+        predictions.append(prediction)
+    return {"labels": labels, "predictions": predictions}
 
 
 def _number(value) -> float | None:

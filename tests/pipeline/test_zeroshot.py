@@ -114,3 +114,15 @@ def test_no_progress_silences_lm_evals_request_bar(tmp_path, tokenizer, capfd):
         work_dir=tmp_path / "work", progress=False,
     )  # fmt: skip
     assert "Running loglikelihood requests" not in capfd.readouterr().err
+
+
+def test_per_document_predictions_reproduce_lm_evals_scores(tmp_path, tokenizer):
+    _tiny_data(tmp_path / "data")
+    result = evaluate_zeroshot(
+        make_model(), tokenizer, ["boolq", "arc_easy"], limit=2, batch_size=2, data_root=tmp_path / "data",
+        work_dir=tmp_path / "work", progress=False, per_document=True,
+    )  # fmt: skip
+    for task in result["tasks"].values():  # acc (boolq) and acc_norm (arc_easy)
+        hits = [p == y for p, y in zip(task["predictions"], task["labels"], strict=True)]
+        assert len(hits) == task["documents"] and sum(hits) / len(hits) == task["value"]
+    assert result["tasks"]["boolq"]["labels"] == [1, 0]  # "answer": true, false
