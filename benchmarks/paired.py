@@ -58,8 +58,9 @@ def correct(task: dict) -> list[int]:
     return [int(p == y) for p, y in zip(task["predictions"], task["labels"], strict=True)]
 
 
-def share(values: list[int], of: int = 1) -> float:
-    return sum(v == of for v in values) / len(values)
+def share(choices: list[int]) -> float:
+    """The share of the second choice (index 1: BoolQ's "yes") among ``choices``."""
+    return sum(c == 1 for c in choices) / len(choices)
 
 
 def cell_settings(args: argparse.Namespace) -> dict:
@@ -97,10 +98,9 @@ def reproduces(cell: dict, quality_dir: Path | None) -> bool | None:
     if not path or not path.is_file():
         return None
     stored = json.loads(path.read_text())
-    same = (
-        stored["settings"]["limit"] == cell["settings"]["limit"]
-        and stored["settings"].get("device", "cpu") == (cell["settings"]["device"])
-    )
+    # the same documents on the same kind of device (cells made before "device" was recorded ran on the CPU)
+    same = stored["settings"]["limit"] == cell["settings"]["limit"]
+    same = same and stored["settings"].get("device", "cpu") == cell["settings"]["device"]
     tasks = stored.get("zeroshot", {}).get("tasks", {})
     if not same or any(t not in tasks for t in cell["tasks"]):
         return None

@@ -225,7 +225,7 @@ def evaluate_zeroshot(
 
 
 def documents(samples: list[dict], metric: str) -> dict:
-    """Each document's ``label`` and ``prediction`` (choice index) from lm-eval's logged samples, in order.
+    """Every document's ``labels`` and ``predictions`` entry (a choice index) from lm-eval's logged samples, in order.
 
     The prediction is lm-eval's own argmax: of the log-likelihoods for ``acc``, of the log-likelihood
     per character of the choice for ``acc_norm``. It is checked against the score lm-eval logged."""
