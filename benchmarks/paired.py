@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from _common import PROJECT, RESULTS, environment, run_saap
-from quality import parse_limit, prune_cell
+from quality import cell_name, parse_limit, prune_cell
 
 sys.path.insert(0, str(PROJECT))
 
@@ -93,8 +93,7 @@ def run_cell(method: str, ratio: float | None, args: argparse.Namespace, path: P
 
 def reproduces(cell: dict, quality_dir: Path | None) -> bool | None:
     """Whether every task's accuracy equals the quality table's cell of the same model (None: no such cell)."""
-    name = cell["method"] if cell["ratio"] is None else f"{cell['method']}-{cell['ratio']:g}"
-    path = quality_dir / f"{name}.json" if quality_dir else None
+    path = quality_dir / f"{cell_name(cell['method'], cell['ratio'])}.json" if quality_dir else None
     if not path or not path.is_file():
         return None
     stored = json.loads(path.read_text())
@@ -208,7 +207,7 @@ def main() -> None:
 
     cells = []
     for method, ratio in [("dense", None)] + [(m, args.ratio) for m in args.methods]:
-        path = args.cells_dir / (f"{method}.json" if ratio is None else f"{method}-{ratio:g}.json")
+        path = args.cells_dir / f"{cell_name(method, ratio)}.json"
         stored = json.loads(path.read_text()) if path.is_file() else None
         if stored and stored["settings"] == cell_settings(args):
             print(f"{path.name}: done, skipped", flush=True)

@@ -61,6 +61,11 @@ def settings_match(stored: dict, current: dict, later: dict = LATER_SETTINGS) ->
     return later | stored == current
 
 
+def cell_name(method: str, ratio: float | None) -> str:
+    """A cell's file stem: ``dense`` for the unpruned model, ``<method>-<ratio>`` otherwise."""
+    return method if ratio is None else f"{method}-{ratio:g}"
+
+
 def parse_limit(value: str) -> int | None:
     if value == "all":
         return None
@@ -233,7 +238,7 @@ def main() -> None:
     todo += [(m, r) for r in args.ratios for m in args.methods]
     cells, missing = [], []
     for method, ratio in todo:
-        path = args.cells_dir / (f"{method}.json" if ratio is None else f"{method}-{ratio:g}.json")
+        path = args.cells_dir / f"{cell_name(method, ratio)}.json"
         if path.is_file():
             stored = json.loads(path.read_text())
             if settings_match(stored.get("settings", {}), cell_settings(args)):

@@ -159,9 +159,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _print_perplexity(result)
     if tasks:
         results["zeroshot"] = evaluate_zeroshot(
-            loaded.model, loaded.tokenizer, tasks, args.limit, args.batch_size, args.data_dir,
-            progress=not args.quiet, per_document=args.per_document,
-        )  # fmt: skip
+            loaded.model,
+            loaded.tokenizer,
+            tasks,
+            args.limit,
+            args.batch_size,
+            args.data_dir,
+            progress=not args.quiet,
+            per_document=args.per_document,
+        )
         for task, r in results["zeroshot"]["tasks"].items():
             print(f"{task:>13}  {r['metric']} {r['value']:.4f} ± {r['stderr'] or 0:.4f}  ({r['documents']} docs)")
         print(f"{'average':>13}  {results['zeroshot']['average']:.4f}")
