@@ -1,13 +1,13 @@
 # Two entry points for a newcomer: `make demo` (the main job) and `make test`. Both set up .venv first.
 VENV ?= .venv
 BIN := $(VENV)/bin
-CONFIG ?= configs/smollm2-135m.yaml
+CONFIG ?= saap/configs/smollm2-135m.yaml
 
 .PHONY: setup test lint demo bench bench-check
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/install-llama-cpp.sh runtime/llama_build.py
+$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/install-llama-cpp.sh saap/runtime/llama_build.py
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 

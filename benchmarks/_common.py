@@ -16,7 +16,7 @@ RESULTS = PROJECT / "benchmarks" / "results"
 
 def run_saap(*args: str) -> dict:
     """Run ``saap ARGS`` in a child process; return its wall time (s), peak RSS (MB) and stdout."""
-    return run_python("-m", "pipeline.cli", *args)
+    return run_python("-m", "saap.pipeline.cli", *args)
 
 
 def run_python(*args: str) -> dict:

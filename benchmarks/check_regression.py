@@ -27,7 +27,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from pipeline.bench import (  # noqa: E402
+from saap.pipeline.bench import (  # noqa: E402
     SLOWDOWN_ENV,
     BenchSettings,
     compare,
@@ -36,10 +36,10 @@ from pipeline.bench import (  # noqa: E402
     load_document,
     run_bench,
 )
-from runtime.checkpoint import is_checkpoint  # noqa: E402
-from runtime.errors import SaapError  # noqa: E402
-from runtime.io import write_json_atomic  # noqa: E402
-from runtime.models import cache_dir  # noqa: E402
+from saap.runtime.checkpoint import is_checkpoint  # noqa: E402
+from saap.runtime.errors import SaapError  # noqa: E402
+from saap.runtime.io import write_json_atomic  # noqa: E402
+from saap.runtime.models import cache_dir  # noqa: E402
 
 BASELINE = PROJECT / "benchmarks" / "baselines" / "ci-torch-smollm2-135m.json"
 TOLERANCE = 0.30
@@ -51,7 +51,7 @@ def pruned_checkpoint() -> Path:
     path = cache_dir() / "ci-bench" / "saap-p20"
     if not is_checkpoint(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pipeline.cli", "prune", "--model", DENSE, "--method", "saap"]
+        cmd = [sys.executable, "-m", "saap.pipeline.cli", "prune", "--model", DENSE, "--method", "saap"]
         # The committed baselines were measured on the uniform-range shapes: keep those, so that a
         # change of saap's default allocation is not read as a throughput regression.
         cmd += ["--ratio", "0.2", "--allocation", "uniform-range", "--out", str(path), "--overwrite", "--quiet"]

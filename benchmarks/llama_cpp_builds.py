@@ -4,7 +4,7 @@
 
 Each build variant (CMake flags) is compiled once into the keyed wheel cache that
 ``scripts/install-llama-cpp.sh`` uses, unpacked into a directory of its own, and run by
-``pipeline.bench_worker`` children with that directory ahead on ``PYTHONPATH``. All (build, quant)
+``saap.pipeline.bench.worker`` children with that directory ahead on ``PYTHONPATH``. All (build, quant)
 workers stay loaded and every round measures each of them once, the build order reversed every
 other round, so the builds are compared within one run on the same load. A build whose worker dies
 (the native build's AMX SIGILL on Intel VMs) is a row saying how it died.
@@ -22,8 +22,8 @@ from pathlib import Path
 from _common import PROJECT, environment, write_results
 
 sys.path.insert(0, str(PROJECT))
-from pipeline.bench import Worker, WorkerDied  # noqa: E402
-from runtime import llama_build  # noqa: E402
+from saap.pipeline.bench import Worker, WorkerDied  # noqa: E402
+from saap.runtime import llama_build  # noqa: E402
 
 VARIANTS = {
     "native (pip default)": [],  # GGML_NATIVE=ON: -march=native, AMX kernels on an AMX CPU
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", type=Path, default=PROJECT / "artifacts" / "llama-cpp-builds")
     args = parser.parse_args()
-    from export.gguf import export_gguf
+    from saap.export.gguf import export_gguf
 
     args.work.mkdir(parents=True, exist_ok=True)
     quants = args.quants.split(",")

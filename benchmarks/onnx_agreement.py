@@ -3,7 +3,7 @@
     python benchmarks/onnx_agreement.py   # writes benchmarks/results/onnx-agreement-smollm2-135m.{json,md}
 
 Prunes the model (`saap prune --ratio 0.2`, or takes `--checkpoint`), exports fp32 / fp16 / int8 / int4
-with `export.onnx.export_onnx`, and runs the first 32 WikiText-2 test windows of 128 tokens (the text
+with `saap.export.onnx.export_onnx`, and runs the first 32 WikiText-2 test windows of 128 tokens (the text
 joined and tokenized once without BOS, as `saap eval` does) through torch and through each graph:
 top-1 agreement of every position with the fp32 graph and with torch, and perplexity. For reference it
 also measures the onnxruntime.quantization schemes the exporter does not use (--no-baselines skips them).
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from _common import environment, run_saap, write_results
 
-from export.onnx import ONNX_PRECISIONS, export_onnx
-from pipeline.data import PERPLEXITY_SETS, perplexity_text, resolve_data_file
-from runtime.engine import EngineSettings, load_engine
-from runtime.onnx_engine import OnnxSession, create_session
+from saap.export.onnx import ONNX_PRECISIONS, export_onnx
+from saap.pipeline.data import PERPLEXITY_SETS, perplexity_text, resolve_data_file
+from saap.runtime.engine import EngineSettings, load_engine
+from saap.runtime.onnx_engine import OnnxSession, create_session
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
 

@@ -3,10 +3,10 @@
     python benchmarks/onnx_fused_speed.py   # writes benchmarks/results/onnx-fused-smollm2-135m.{json,md}
 
 Dense smollm2-135m, exported two ways:
-- traced: ``export.onnx.export_onnx(..., "fp32")`` (optimum-onnx trace); its int8 / int4 graphs are made by
-  the same converter ``export_onnx(..., precision)`` applies to that fp32 graph (``export.onnx.CONVERTERS``),
+- traced: ``saap.export.onnx.export_onnx(..., "fp32")`` (optimum-onnx trace); its int8 / int4 graphs are made by
+  the same converter ``export_onnx(..., precision)`` applies to that fp32 graph (``saap.export.onnx.CONVERTERS``),
   without tracing again;
-- fused: ``export.onnx_fused.write_fused`` (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization,
+- fused: ``saap.export.onnx_fused.write_fused`` (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization,
   GroupQueryAttention with RoPE inside, past and present sharing one buffer), at fp32 / int8 / int4 in the
   default ``offsets`` layout, plus plain MatMulNBits with integer zero points (``zero_points`` layout,
   accuracy_level 4: int8 activations) for comparison.
@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 from _common import environment, write_results
 
-from export.onnx import CONVERTERS, agreement_windows, export_onnx, window_logits
-from export.onnx_fused import write_fused
-from runtime.engine import EngineSettings
-from runtime.models import load_model
-from runtime.onnx_engine import MODEL_FILE, OnnxSession, create_session
+from saap.export.onnx import CONVERTERS, agreement_windows, export_onnx, window_logits
+from saap.export.onnx_fused import write_fused
+from saap.runtime.engine import EngineSettings
+from saap.runtime.models import load_model
+from saap.runtime.onnx_engine import MODEL_FILE, OnnxSession, create_session
 
 NAME = "onnx-fused-smollm2-135m"
 REGENERATE = "python benchmarks/onnx_fused_speed.py"
@@ -235,8 +235,8 @@ def _markdown(doc: dict) -> str:
         )
     lines += [
         "",
-        "traced = `export.onnx` (optimum-onnx trace; int8/int4 by its block-quantization converter). "
-        "fused = `export.onnx_fused` (SkipSimplifiedLayerNormalization, packed QKV MatMul, GroupQueryAttention "
+        "traced = `saap.export.onnx` (optimum-onnx trace; int8/int4 by its block-quantization converter). "
+        "fused = `saap.export.onnx_fused` (SkipSimplifiedLayerNormalization, packed QKV MatMul, GroupQueryAttention "
         "with RoPE inside; int8/int4 `offsets` layout = the same block scheme as export.onnx: 4-bit MatMulNBits "
         "kernel with float32 activations plus per-block float offsets, so weights on the Q4_1 grid of the "
         "embedded model are stored exactly; int4 keeps down_proj at 8 bits unless its weights already sit on the "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from _common import environment, write_results
 
-from runtime.onnx_engine import MODEL_FILE, OnnxSession, SharedKvCache, genai_settings
+from saap.runtime.onnx_engine import MODEL_FILE, OnnxSession, SharedKvCache, genai_settings
 
 NAME = "onnx-profile-smollm2-135m"
 THREADS, STEPS = 2, 64

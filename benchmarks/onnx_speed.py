@@ -28,11 +28,11 @@ from pathlib import Path
 
 from _common import PROJECT, RESULTS, environment, run_saap, write_results
 
-from export.genai_builder import build_reference, builder_source, check_builder
-from export.onnx import agreement_windows, top1_agreement
-from runtime.engine import EngineSettings
-from runtime.models import load_model
-from runtime.onnx_engine import MODEL_FILE, OnnxSession, create_session, genai_settings
+from saap.export.genai_builder import build_reference, builder_source, check_builder
+from saap.export.onnx import agreement_windows, top1_agreement
+from saap.runtime.engine import EngineSettings
+from saap.runtime.models import load_model
+from saap.runtime.onnx_engine import MODEL_FILE, OnnxSession, create_session, genai_settings
 
 NAME = "onnx-speed-smollm2-135m"
 MODEL = "smollm2-135m"

@@ -35,8 +35,8 @@ from quality import cell_name, parse_limit, prune_cell
 
 sys.path.insert(0, str(PROJECT))
 
-from pipeline.zeroshot import TASKS  # noqa: E402
-from runtime.io import write_json_atomic, write_text_atomic  # noqa: E402
+from saap.pipeline.zeroshot import TASKS  # noqa: E402
+from saap.runtime.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 BINARY = ("boolq", "piqa", "winogrande")  # two-choice tasks: their second-choice share shows label bias
 

@@ -7,7 +7,7 @@ Every method prunes SmolLM2-135M (``--model``) to each ``--ratios`` fraction of 
 removed, with the same number of calibration samples, sequence length and seed (the saap prune
 defaults) on its preset's calibration text (the books for the baselines, C4 for saap), in a child
 process so wall time and peak RSS are recorded; ``torch-pruning`` runs through
-``pipeline.torch_pruning_ref``. Each model is then scored by ``saap eval``: WikiText-2 and
+``benchmarks/torch_pruning_ref.py``. Each model is then scored by ``saap eval``: WikiText-2 and
 PTB perplexity (128-token windows; all windows unless ``--ppl-windows``) and the 7-task lm-eval
 suite on the first ``--limit`` documents of every task, the same documents for every method.
 
@@ -31,8 +31,8 @@ from _common import PROJECT, RESULTS, environment, run_python, run_saap
 
 sys.path.insert(0, str(PROJECT))
 
-from pipeline.zeroshot import TASKS  # noqa: E402
-from runtime.io import write_json_atomic, write_text_atomic  # noqa: E402
+from saap.pipeline.zeroshot import TASKS  # noqa: E402
+from saap.runtime.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 METHODS = ("saap", "llm-pruner", "flap", "wanda-sp", "shortgpt", "magnitude", "random", "torch-pruning")
 PPL_SETS = ("wikitext2", "ptb")
@@ -77,7 +77,7 @@ def parse_limit(value: str) -> int | None:
 def prune_cell(method: str, ratio: float, model: str, out: Path, device: str, extra: tuple[str, ...] = ()) -> dict:
     """Prune in a child process (``extra``: more ``saap prune`` flags); what the tables need from its record."""
     if method == "torch-pruning":  # torch-pruning's own API, on the CPU
-        run = run_python("-m", "pipeline.torch_pruning_ref", "--model", model, "--ratio", str(ratio), "--out", str(out))
+        run = run_python("benchmarks/torch_pruning_ref.py", "--model", model, "--ratio", str(ratio), "--out", str(out))
     else:
         # On a GPU the calibration passes run there through accelerate (`--device-map auto`).
         on_gpu = ["--device-map", "auto"] if device != "cpu" else []

@@ -25,9 +25,9 @@ from pathlib import Path
 from _common import RESULTS, environment
 from quality import LATER_SETTINGS, PPL_SETS, add_sitting_arguments, evaluate_cell, prune_cell, settings_match
 
-from pipeline.data import BOOKS_CALIBRATION, WEB_CALIBRATION
-from pipeline.prune.methods import DEFAULT_NUM_SAMPLES
-from runtime.io import write_json_atomic, write_text_atomic
+from saap.pipeline.data import BOOKS_CALIBRATION, WEB_CALIBRATION
+from saap.pipeline.prune.methods import DEFAULT_NUM_SAMPLES
+from saap.runtime.io import write_json_atomic, write_text_atomic
 
 # Held-out text that neither calibration nor the reported tables use: defaults are chosen on it, not on the
 # test splits (WikiText-2 test / PTB are reported beside it).

@@ -23,7 +23,7 @@ from _common import PROJECT, RESULTS, environment, run_saap, write_results
 
 sys.path.insert(0, str(PROJECT))
 
-from pipeline.profile import EngineSpec  # noqa: E402
+from saap.pipeline.prune.speed_model import EngineSpec  # noqa: E402
 
 TOLERANCE = 0.10
 PROFILES = RESULTS / "speed-budget"

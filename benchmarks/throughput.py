@@ -20,7 +20,7 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from pipeline.bench import BenchSettings, format_references, format_table, run_bench, write_outputs  # noqa: E402
+from saap.pipeline.bench import BenchSettings, format_references, format_table, run_bench, write_outputs  # noqa: E402
 
 REGENERATE = (
     "saap prune --model smollm2-135m --method saap --ratio 0.2 --out artifacts/saap-p20 && "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
-SAAP = [sys.executable, "-m", "pipeline.cli"]
+SAAP = [sys.executable, "-m", "saap.pipeline.cli"]
 PPL_WINDOWS = "64"
 
 pytestmark = pytest.mark.real_model

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from export.genai_builder import BUILDER_PRECISIONS, build_reference, check_builder
-from runtime.errors import SaapError
+from saap.export.genai_builder import BUILDER_PRECISIONS, build_reference, check_builder
+from saap.runtime.errors import SaapError
 
 
 def test_a_python_without_a_usable_builder_is_one_clear_error(tmp_path):

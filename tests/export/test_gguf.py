@@ -14,12 +14,12 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
 from transformers import LlamaTokenizerFast
 
-from export.gguf import GGUF_QUANTS, export_gguf, permute_rope, write_gguf
-from pipeline.data import BOOKS_CALIBRATION
-from runtime.checkpoint import save_checkpoint
-from runtime.engine import EngineSettings, load_engine
-from runtime.errors import SaapError
-from runtime.surgery import set_layer_shapes
+from saap.export.gguf import GGUF_QUANTS, export_gguf, permute_rope, write_gguf
+from saap.pipeline.data import BOOKS_CALIBRATION
+from saap.runtime.checkpoint import save_checkpoint
+from saap.runtime.engine import EngineSettings, load_engine
+from saap.runtime.errors import SaapError
+from saap.runtime.surgery import set_layer_shapes
 from tests.conftest import SAMPLE_TEXT, make_model
 from tests.runtime.test_surgery import slice_groups
 
@@ -147,7 +147,7 @@ def test_removed_attention_and_mlp_layers(tokenizer, tmp_path):
     shapes = [
         (0 if i in no_attention else 4, 0 if i in no_attention else 2, 0 if i in no_mlp else 128) for i in range(6)
     ]
-    from runtime.surgery import LayerShape
+    from saap.runtime.surgery import LayerShape
 
     set_layer_shapes(config, [LayerShape(*s) for s in shapes])
     state = {
@@ -321,7 +321,7 @@ def test_a_failed_export_leaves_no_files(tokenizer, tmp_path, monkeypatch, quant
         dst.write_bytes(b"partial")
         raise SaapError("llama.cpp failed to quantize")
 
-    monkeypatch.setattr("export.gguf._quantize", broken_quantizer)
+    monkeypatch.setattr("saap.export.gguf._quantize", broken_quantizer)
     with pytest.raises(SaapError, match="failed to quantize"):
         write_gguf(model.config, model.state_dict(), tokenizer, tmp_path / "m.gguf", "q8_0", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -359,7 +359,7 @@ def real_pruned(tmp_path_factory):
     out = tmp_path_factory.mktemp("real-gguf") / "smol-p20"
     # The default Taylor importance on a small calibration sample (seconds instead of minutes): the
     # per-layer shapes are those of a default 0.2 prune, which is what the export is about.
-    cmd = [sys.executable, "-m", "pipeline.cli", "prune", "--model", "smollm2-135m", "--ratio", "0.2"]
+    cmd = [sys.executable, "-m", "saap.pipeline.cli", "prune", "--model", "smollm2-135m", "--ratio", "0.2"]
     cmd += ["--num-samples", "4", "--seq-len", "64", "--search-samples", "2", "--search-generations", "0"]
     # Pinned to the books: on saap's C4 default this tiny-sample plan's third greedy token on one
     # prompt flips under f16 rounding (a near-tie), which says nothing about the export.
@@ -383,8 +383,8 @@ def real_f16(real_pruned):
 
 
 def windows(tokenizer) -> list[list[int]]:
-    """pipeline.evaluate.perplexity's first windows: the WikiText-2 test text tokenized once, no BOS."""
-    from pipeline.data import PERPLEXITY_SETS, perplexity_text, resolve_data_file
+    """saap.pipeline.evaluate.perplexity's first windows: the WikiText-2 test text tokenized once, no BOS."""
+    from saap.pipeline.data import PERPLEXITY_SETS, perplexity_text, resolve_data_file
 
     text = perplexity_text(resolve_data_file("wikitext2", PERPLEXITY_SETS), "wikitext2")
     ids = tokenizer(text[:200_000], add_special_tokens=False)["input_ids"]
@@ -424,7 +424,7 @@ def test_real_pruned_f16_generates_what_torch_generates(real_torch, real_f16):
 def test_real_tokenization_matches_hf_and_the_original_gguf(real_torch, real_f16):
     import llama_cpp
 
-    from runtime.models import resolve_alias
+    from saap.runtime.models import resolve_alias
 
     engine = load_engine("gguf", str(real_f16[0]), REAL_SETTINGS)
     original = llama_cpp.Llama(str(resolve_alias("smollm2-135m")), vocab_only=True, verbose=False)
@@ -440,7 +440,7 @@ def test_real_tokenization_matches_hf_and_the_original_gguf(real_torch, real_f16
 
 @pytest.mark.real_model
 def test_real_perplexity_parity_and_quantized_variants(real_pruned, real_torch, real_f16):
-    from pipeline.evaluate import perplexity
+    from saap.pipeline.evaluate import perplexity
 
     tokenizer = real_torch.tokenizer
     reference = perplexity(real_torch.model, tokenizer, "wikitext2", PPL_SEQ_LEN, PPL_WINDOWS, progress=False)
@@ -485,7 +485,7 @@ def q4_1_codes_and_dequant(tensor) -> tuple[np.ndarray, np.ndarray]:
 def test_q4_1_export_keeps_the_codes_of_a_4_bit_group_lora_merge(tokenizer, tmp_path):
     """group-lora's 4-bit, 32-group merge is already Q4_1's d*q + m: llama.cpp re-quantizing the merged
     float checkpoint must land on the very same codes (the adapter only moved each group's offset)."""
-    from pipeline.group_lora import apply_group_lora, merge_group_lora
+    from saap.pipeline.finetune.group_lora import apply_group_lora, merge_group_lora
 
     model = make_model(heads=4, kv_heads=2)
     apply_group_lora(model, bits=4, group_size=32, rank=4, alpha=8)

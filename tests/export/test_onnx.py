@@ -14,22 +14,21 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-import export.onnx as onnx_export
-from export.onnx import (
-    ONNX_PRECISIONS,
+import saap.export.onnx as onnx_export
+from saap.export.onnx import ONNX_PRECISIONS, export_onnx, quantize_graph
+from saap.export.onnx_quant import (
+    REFINE_TOP_K,
     blocksum_matrix,
-    export_onnx,
     fold_offsets,
     nibble_planes,
     pack_nibbles,
     quantize_blocks,
-    quantize_graph,
 )
-from runtime.checkpoint import save_checkpoint, sha256_file
-from runtime.engine import EngineSettings, load_engine
-from runtime.errors import SaapError
-from runtime.onnx_engine import RECORD_FILE, OnnxSession, create_session
-from runtime.surgery import head_dim, layer_shapes, model_parameter_count
+from saap.runtime.checkpoint import save_checkpoint, sha256_file
+from saap.runtime.engine import EngineSettings, load_engine
+from saap.runtime.errors import SaapError
+from saap.runtime.onnx_engine import RECORD_FILE, OnnxSession, create_session
+from saap.runtime.surgery import head_dim, layer_shapes, model_parameter_count
 from tests.conftest import make_model
 from tests.runtime.test_surgery import slice_groups
 
@@ -355,7 +354,7 @@ def test_tied_table_is_shared_and_its_top_logits_are_exact():
     dequantized = ((q - 128.0) * scale[..., None]).reshape(vocab, hidden)
     ids = rng.integers(0, vocab, size=(2, 5))
     logits, expected = _run(graph, {"ids": ids}), dequantized[ids] @ dequantized.T
-    top = np.argsort(-expected, axis=-1)[..., : onnx_export.REFINE_TOP_K // 2]
+    top = np.argsort(-expected, axis=-1)[..., : REFINE_TOP_K // 2]
     np.testing.assert_allclose(np.take_along_axis(logits, top, -1), np.take_along_axis(expected, top, -1), atol=1e-4)
     assert (logits.argmax(-1) == expected.argmax(-1)).all()
 
@@ -452,7 +451,9 @@ def real_exports(tmp_path_factory):
     # 8 calibration windows instead of 32: the same kind of per-layer pruned model, a quarter of the CPU time.
     args = ["prune", "--model", "smollm2-135m", "--ratio", "0.2", "--num-samples", "8", "--search-samples", "2"]
     args += ["--out", str(root / "smol-p20"), "--quiet"]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=PROJECT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "saap.pipeline.cli", *args], cwd=PROJECT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     reports = {p: export_onnx(root / "smol-p20", root / p, p, progress=False) for p in ("fp32", "int4")}
     return root, reports

@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 
-from export.onnx import max_abs_diff_vs_torch
-from export.onnx_fused import build_fused_graph, kv_layers, write_fused
-from runtime.onnx_engine import OnnxSession
-from runtime.surgery import has_attention, has_mlp, head_dim, layer_shapes
+from saap.export.onnx import max_abs_diff_vs_torch
+from saap.export.onnx_fused import build_fused_graph, kv_layers, write_fused
+from saap.runtime.onnx_engine import OnnxSession
+from saap.runtime.surgery import has_attention, has_mlp, head_dim, layer_shapes
 from tests.conftest import ARCHITECTURES, make_model
 from tests.runtime.test_surgery import slice_groups
 
@@ -143,8 +143,8 @@ def test_quantized_graphs_use_matmulnbits_and_gqa_and_run(precision, layout):
 def snap_to_grids(model):
     """Every projection on its asymmetric 4-bit block grid (GGUF Q4_1-like), the embedding / lm_head on
     the symmetric 8-bit block grid: the `offsets` layout then stores every weight exactly."""
-    from export.onnx import quantize_blocks
-    from runtime.surgery import prunable_linears
+    from saap.export.onnx_quant import quantize_blocks
+    from saap.runtime.surgery import prunable_linears
 
     def snap(weight: torch.Tensor, bits: int, symmetric: bool) -> None:
         w = weight.detach().numpy().T  # [K, N]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from saap.pipeline.cli import main
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -95,7 +95,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, hf_dir, tmp_path, text_file, a
 
 def test_corrupt_checkpoint_is_refused_from_the_command_line(hf_dir, text_file, tmp_path):
     out = tmp_path / "pruned"
-    cmd = [sys.executable, "-m", "pipeline.cli"]
+    cmd = [sys.executable, "-m", "saap.pipeline.cli"]
     subprocess.run(
         [*cmd, "prune", "--model", str(hf_dir), "--align", "4", "--calibration", str(text_file), "--out", str(out)],
         check=True,

@@ -3,11 +3,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.config import RunConfig, check_semantics, load_config, parse_config
-from runtime.errors import SaapError
+from saap.pipeline.cli import main
+from saap.pipeline.config import (
+    CONFIGS_DIR,
+    DEFAULT_CONFIG,
+    RunConfig,
+    check_semantics,
+    find_config,
+    load_config,
+    parse_config,
+)
+from saap.runtime.errors import SaapError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = CONFIGS_DIR  # the configs that ship inside the package
 
 
 def write(tmp_path: Path, data) -> Path:
@@ -100,3 +108,20 @@ def test_shipped_configs_follow_the_schema():
 def test_default_config_passes_every_check():
     config = load_config(CONFIGS / "smollm2-135m.yaml")
     check_semantics(config, "smollm2-135m.yaml")
+
+
+def test_a_shipped_config_is_found_by_name_from_any_directory(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert find_config("smollm2-135m") == CONFIGS / "smollm2-135m.yaml"
+    assert find_config(DEFAULT_CONFIG) == CONFIGS / f"{DEFAULT_CONFIG}.yaml"
+    with pytest.raises(SaapError, match="does not exist .*smollm2-135m"):
+        find_config("no-such-config")
+    own = write(tmp_path, {"model": "m"})
+    assert find_config(str(own)) == own  # a file wins over a name
+
+
+@pytest.mark.real_model
+def test_saap_run_check_without_a_config_checks_the_default(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--check"]) == 0
+    assert "smollm2-135m.yaml: valid; run directory artifacts/smollm2-135m" in capsys.readouterr().out

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from pipeline.data import calibration_batches, perplexity_text, read_documents
-from pipeline.evaluate import perplexity
+from saap.pipeline.data import calibration_batches, perplexity_text, read_documents
+from saap.pipeline.evaluate import perplexity
 from tests.conftest import make_model
 
 
@@ -40,9 +40,9 @@ def test_jsonl_documents_use_their_text_field(tmp_path):
 def test_eval_on_the_gguf_engine_scores_the_exported_file_like_torch(tokenizer, text_file, tmp_path, capsys):
     import json
 
-    from export.gguf import export_gguf
-    from pipeline.cli import main
-    from runtime.checkpoint import save_checkpoint
+    from saap.export.gguf import export_gguf
+    from saap.pipeline.cli import main
+    from saap.runtime.checkpoint import save_checkpoint
 
     model = make_model(heads=6, kv_heads=2)
     save_checkpoint(model, tokenizer, tmp_path / "ckpt", {})

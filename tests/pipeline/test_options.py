@@ -3,10 +3,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.config import EvalConfig, PruneConfig
-from pipeline.evaluate import EvalSettings
-from pipeline.options import add_options, from_args, option, section_model
-from pipeline.prune import PruneSettings
+from saap.pipeline.config import EvalConfig, PruneConfig
+from saap.pipeline.evaluate import EvalSettings
+from saap.pipeline.options import add_options, from_args, option, section_model
+from saap.pipeline.prune import PruneSettings
 
 
 @dataclass

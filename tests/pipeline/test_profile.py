@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cli import main
-from pipeline.profile import (
+from saap.pipeline.cli import main
+from saap.pipeline.profile import (
     PROBES,
     CostModel,
     EngineSpec,
@@ -18,11 +18,11 @@ from pipeline.profile import (
     fit_profile,
     shape_key,
 )
-from pipeline.prune import PruneSettings, prune
-from runtime.checkpoint import save_checkpoint
-from runtime.errors import SaapError
-from runtime.models import LoadedModel
-from runtime.surgery import LayerShape, layer_shapes
+from saap.pipeline.prune import PruneSettings, prune
+from saap.runtime.checkpoint import save_checkpoint
+from saap.runtime.errors import SaapError
+from saap.runtime.models import LoadedModel
+from saap.runtime.surgery import LayerShape, layer_shapes
 from tests.conftest import make_model
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import parse_config
-from pipeline.report import markdown_to_html, quality_rows, throughput_rows, write_report
+from saap.pipeline.config import parse_config
+from saap.pipeline.report import markdown_to_html, quality_rows, throughput_rows, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 LAYERS = [

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import check_semantics, load_config
-from pipeline.run import STAGE_FILE, STAGES, manifest, run_pipeline, run_saap
-from runtime.checkpoint import load_checkpoint
-from runtime.errors import SaapError
+from saap.pipeline.config import check_semantics, load_config
+from saap.pipeline.run import STAGE_FILE, STAGES, manifest, run_pipeline, run_saap
+from saap.runtime.checkpoint import load_checkpoint
+from saap.runtime.errors import SaapError
 from tests.conftest import SAMPLE_TEXT, make_model, make_tokenizer
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -163,7 +163,7 @@ def test_kill_9_mid_stage_resumes_there_with_nothing_corrupt(workspace, first_ru
     old_prune = json.loads((run_dir / "prune" / STAGE_FILE).read_text())
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(path)],
+        [sys.executable, "-m", "saap.pipeline.cli", "run", str(path)],
         cwd=PROJECT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -190,7 +190,7 @@ def test_kill_9_mid_stage_resumes_there_with_nothing_corrupt(workspace, first_ru
 def test_a_command_that_fails_after_writing_its_partial_output_is_recorded_not_fatal(tmp_path):
     """``saap bench`` with a worker killed by a signal exits 2 but writes bench.json with the failed
     row: the stage keeps it, records the error, and the pipeline goes on to the report."""
-    from pipeline.run import Context, Stage, _command, _execute
+    from saap.pipeline.run import Context, Stage, _command, _execute
 
     def bench_like(write_partial: bool):
         def fill(ctx, out):

@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-from runtime.checkpoint import load_checkpoint, save_checkpoint
-from runtime.errors import SaapError
-from runtime.io import write_json_atomic
-from runtime.surgery import layer_shapes
+from saap.runtime.checkpoint import load_checkpoint, save_checkpoint
+from saap.runtime.errors import SaapError
+from saap.runtime.io import write_json_atomic
+from saap.runtime.surgery import layer_shapes
 from tests.runtime.test_surgery import slice_groups
 
 PROJECT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ def test_load_in_a_process_without_the_pruning_code(pruned, tokenizer, tmp_path)
     save_checkpoint(pruned, tokenizer, tmp_path / "ckpt", {})
     code = (
         "import sys, torch\n"
-        "from runtime.checkpoint import load_checkpoint\n"
+        "from saap.runtime.checkpoint import load_checkpoint\n"
         f"model, tok, meta = load_checkpoint({str(tmp_path / 'ckpt')!r})\n"
         "out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)\n"
         "assert out.shape == (1, 7)\n"

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.checkpoint import save_checkpoint
-from runtime.engine import EngineSettings, load_engine
-from runtime.errors import SaapError
+from saap.runtime.checkpoint import save_checkpoint
+from saap.runtime.engine import EngineSettings, load_engine
+from saap.runtime.errors import SaapError
 from tests.runtime.test_surgery import slice_groups
 
 

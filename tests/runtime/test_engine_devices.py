@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.engine import EngineSettings
-from runtime.errors import SaapError
-from runtime.gguf_engine import gpu_layers
-from runtime.onnx_engine import PROVIDERS, provider_options
+from saap.runtime.engine import EngineSettings
+from saap.runtime.errors import SaapError
+from saap.runtime.gguf_engine import gpu_layers
+from saap.runtime.onnx_engine import PROVIDERS, provider_options
 
 
 def test_gguf_offload_follows_the_device():
@@ -34,7 +34,7 @@ def test_onnx_gpu_providers_and_tensorrt_fp16():
 def test_onnx_cuda_without_the_provider_is_a_clear_error(tmp_path):
     import onnxruntime as ort
 
-    from runtime.onnx_engine import create_session
+    from saap.runtime.onnx_engine import create_session
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")

@@ -3,10 +3,10 @@ import builtins
 import numpy as np
 import pytest
 
-from export.onnx import export_onnx
-from runtime.checkpoint import save_checkpoint
-from runtime.engine import EngineSettings, load_engine
-from runtime.errors import SaapError
+from saap.export.onnx import export_onnx
+from saap.runtime.checkpoint import save_checkpoint
+from saap.runtime.engine import EngineSettings, load_engine
+from saap.runtime.errors import SaapError
 from tests.conftest import make_model
 from tests.runtime.test_surgery import slice_groups
 

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from export.gguf import export_gguf
-from runtime.checkpoint import save_checkpoint
-from runtime.engine import ENGINES, EngineSettings, load_engine
-from runtime.errors import SaapError
-from runtime.gguf_engine import GgufEngine
+from saap.export.gguf import export_gguf
+from saap.runtime.checkpoint import save_checkpoint
+from saap.runtime.engine import ENGINES, EngineSettings, load_engine
+from saap.runtime.errors import SaapError
+from saap.runtime.gguf_engine import GgufEngine
 from tests.conftest import make_model
 from tests.runtime.test_surgery import slice_groups
 
@@ -101,7 +101,7 @@ def test_gpu_layers_without_gpu_support_are_refused(gguf_file):
 def test_chat_template_renders_like_the_hf_tokenizer(tokenizer, tmp_path):
     import copy
 
-    from export.gguf import write_gguf
+    from saap.export.gguf import write_gguf
 
     chat = copy.deepcopy(tokenizer)
     chat.chat_template = (
@@ -121,7 +121,7 @@ def test_chat_template_renders_like_the_hf_tokenizer(tokenizer, tmp_path):
 
 
 def gguf_file_without_template(tmp_path, tokenizer):
-    from export.gguf import write_gguf
+    from saap.export.gguf import write_gguf
 
     model = make_model()
     write_gguf(model.config, model.state_dict(), tokenizer, tmp_path / "plain.gguf", "f16", progress=False)
@@ -140,8 +140,8 @@ def sigill_child(module, args, threads=None):
 
 
 def test_a_crash_in_the_probe_is_one_error_line_with_the_signal_and_the_rebuild_command(gguf_file, monkeypatch):
-    from runtime import gguf_engine
-    from runtime.llama_build import rebuild_command
+    from saap.runtime import gguf_engine
+    from saap.runtime.llama_build import rebuild_command
 
     monkeypatch.setattr(gguf_engine, "_probed", set())
     monkeypatch.setattr(gguf_engine, "run_module", sigill_child)
@@ -153,8 +153,8 @@ def test_a_crash_in_the_probe_is_one_error_line_with_the_signal_and_the_rebuild_
 
 
 def test_generate_reports_the_crash_as_one_line_and_exit_2(gguf_file, monkeypatch, capsys):
-    from pipeline.cli import main
-    from runtime import gguf_engine
+    from saap.pipeline.cli import main
+    from saap.runtime import gguf_engine
 
     monkeypatch.setattr(gguf_engine, "_probed", set())
     monkeypatch.setattr(gguf_engine, "run_module", sigill_child)
@@ -165,7 +165,7 @@ def test_generate_reports_the_crash_as_one_line_and_exit_2(gguf_file, monkeypatc
 
 
 def test_the_probe_runs_llama_cpp_in_a_child_once_per_file(gguf_file, monkeypatch):
-    from runtime import gguf_engine
+    from saap.runtime import gguf_engine
 
     calls, real = [], gguf_engine.run_module
 
@@ -190,12 +190,12 @@ def test_installed_llama_cpp_runs_the_real_model_quantized_on_this_cpu(quant, tm
     that a crash fails this test instead of killing pytest."""
     import json
 
-    from runtime.gguf_engine import build_info
-    from runtime.native import exit_description, run_module
+    from saap.runtime.gguf_engine import build_info
+    from saap.runtime.native import exit_description, run_module
 
     path = export_gguf("smollm2-135m", tmp_path / f"dense-{quant}.gguf", quant, progress=False)["out"]
     config = {"path": str(path), "device": "cpu", "threads": 1, "n_gpu_layers": 0}
-    child = run_module("runtime.gguf_engine", [json.dumps(config)], threads=1)
+    child = run_module("saap.runtime.gguf_engine", [json.dumps(config)], threads=1)
     assert child.returncode == 0, f"{exit_description(child.returncode)} with {build_info()}: {child.stderr[-800:]}"
     engine = load_engine("gguf", str(path), EngineSettings(threads=1, n_ctx=64))
     ids = engine.tokenize("The capital of France is")

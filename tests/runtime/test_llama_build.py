@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import llama_build
+from saap.runtime import llama_build
 
 
 def test_x86_builds_have_no_native_kernels_and_arm_keeps_its_own():

@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from runtime.memory import PhasePeakRss, peak_rss_mb
+from saap.runtime.memory import PhasePeakRss, peak_rss_mb
 
 
 def test_phase_peak_sees_memory_that_is_freed_before_the_phase_ends():

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from runtime import models
-from runtime.errors import SaapError
-from runtime.models import load_model
+from saap.runtime import models
+from saap.runtime.errors import SaapError
+from saap.runtime.models import load_model
 
 
 def test_hf_directory_loads_as_float32_llama(hf_dir):

@@ -2,7 +2,7 @@ import signal
 import subprocess
 import sys
 
-from runtime.native import exit_description, run_module
+from saap.runtime.native import exit_description, run_module
 
 
 def test_exit_descriptions_name_the_signal():
@@ -17,5 +17,5 @@ def test_a_real_signal_death_is_described():
 
 
 def test_run_module_finds_the_project_and_captures_output():
-    child = run_module("runtime.llama_build", ["spec"])
+    child = run_module("saap.runtime.llama_build", ["spec"])
     assert child.returncode == 0 and child.stdout.startswith("llama-cpp-python==")

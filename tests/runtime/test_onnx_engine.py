@@ -4,13 +4,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.onnx import export_onnx
-from runtime import onnx_engine
-from runtime.checkpoint import save_checkpoint
-from runtime.engine import ENGINES, EngineSettings, load_engine
-from runtime.errors import SaapError
-from runtime.onnx_engine import OnnxEngine
-from runtime.surgery import layer_shapes
+from saap.export.onnx import export_onnx
+from saap.runtime import onnx_engine
+from saap.runtime.checkpoint import save_checkpoint
+from saap.runtime.engine import ENGINES, EngineSettings, load_engine
+from saap.runtime.errors import SaapError
+from saap.runtime.onnx_engine import OnnxEngine
+from saap.runtime.surgery import layer_shapes
 from tests.conftest import make_model
 from tests.runtime.test_surgery import slice_groups
 

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from runtime.surgery import (
+from saap.runtime.surgery import (
     LayerShape,
     attention_group_index,
     config_parameter_count,
@@ -118,7 +118,7 @@ def test_tied_embedding_counts_once():
 
 @pytest.mark.parametrize("block", ["attention", "mlp", "both"])
 def test_a_whole_block_can_be_removed(tiny_model, tokenizer, tmp_path, block):
-    from runtime.checkpoint import load_checkpoint, save_checkpoint
+    from saap.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     n_kv = tiny_model.config.num_key_value_heads
     removed_kv = {1: list(range(n_kv))} if block in ("attention", "both") else {}

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.prune import PruneSettings, prune
-from pipeline.prune.compensation import input_grams, refit
-from runtime.errors import SaapError
-from runtime.models import LoadedModel
+from saap.pipeline.prune import PruneSettings, prune
+from saap.pipeline.prune.compensation import input_grams, refit
+from saap.runtime.errors import SaapError
+from saap.runtime.models import LoadedModel
 from tests.conftest import make_model
 
 

@@ -3,14 +3,14 @@ import random
 import pytest
 import torch
 
-from pipeline.prune import PruneSettings, prune
-from pipeline.prune.budget import parameter_budget
-from pipeline.prune.context import PruneContext
-from pipeline.prune.evolve import SLACK, Space, evolve, mutate
-from pipeline.prune.measured import Keep, Probe
-from runtime.errors import SaapError
-from runtime.models import LoadedModel
-from runtime.surgery import LayerShape, layer_parameter_count, layer_shapes, model_parameter_count
+from saap.pipeline.prune import PruneSettings, prune
+from saap.pipeline.prune.budget import parameter_budget
+from saap.pipeline.prune.context import PruneContext
+from saap.pipeline.prune.evolve import SLACK, Space, evolve, mutate
+from saap.pipeline.prune.measured import Keep, Probe
+from saap.runtime.errors import SaapError
+from saap.runtime.models import LoadedModel
+from saap.runtime.surgery import LayerShape, layer_parameter_count, layer_shapes, model_parameter_count
 from tests.conftest import make_model
 from tests.pipeline.prune.test_measured import random_scores, tokens
 

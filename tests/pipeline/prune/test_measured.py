@@ -4,14 +4,14 @@ import random
 import pytest
 import torch
 
-from pipeline.importance import GroupScores
-from pipeline.prune import PruneSettings, prune, shrink_model
-from pipeline.prune.budget import parameter_budget
-from pipeline.prune.context import PruneContext, Scored
-from pipeline.prune.measured import Keep, Probe, choose, measured_plan, width_levels
-from runtime.errors import SaapError
-from runtime.models import LoadedModel
-from runtime.surgery import LayerShape, layer_parameter_count, layer_shapes, model_parameter_count
+from saap.pipeline.prune import PruneSettings, prune, shrink_model
+from saap.pipeline.prune.budget import parameter_budget
+from saap.pipeline.prune.context import PruneContext, Scored
+from saap.pipeline.prune.estimators import GroupScores
+from saap.pipeline.prune.measured import Keep, Probe, choose, measured_plan, width_levels
+from saap.runtime.errors import SaapError
+from saap.runtime.models import LoadedModel
+from saap.runtime.surgery import LayerShape, layer_parameter_count, layer_shapes, model_parameter_count
 from tests.conftest import make_model
 
 

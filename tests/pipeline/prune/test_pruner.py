@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pipeline.prune import PruneSettings, llm_pruner_layer_range, prune, shrink_model, uniform_plan
-from runtime.errors import SaapError
-from runtime.models import LoadedModel
-from runtime.surgery import head_dim, kept_indices, layer_shapes, model_parameter_count
+from saap.pipeline.prune import PruneSettings, llm_pruner_layer_range, prune, shrink_model, uniform_plan
+from saap.runtime.errors import SaapError
+from saap.runtime.models import LoadedModel
+from saap.runtime.surgery import head_dim, kept_indices, layer_shapes, model_parameter_count
 from tests.conftest import make_model
 
 
@@ -93,7 +93,7 @@ def test_bad_settings_are_refused(kwargs, message):
 
 
 def test_calibration_text_is_the_presets_unless_given():
-    from pipeline.data import BOOKS_CALIBRATION, WEB_CALIBRATION
+    from saap.pipeline.data import BOOKS_CALIBRATION, WEB_CALIBRATION
 
     assert PruneSettings().calibration == WEB_CALIBRATION  # saap
     assert PruneSettings(method="llm-pruner").calibration == BOOKS_CALIBRATION

@@ -1,0 +1,7 @@
+"""``python -m saap``: the ``saap`` command."""
+
+import sys
+
+from saap.pipeline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""Perplexity on WikiText-2 / PTB the way LLM-Pruner reports it: the joined text tokenized once,
+cut into non-overlapping windows of ``seq_len`` tokens, mean next-token loss over all windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from saap.pipeline.data import PERPLEXITY_SETS, perplexity_text, resolve_data_file
+from saap.pipeline.options import option
+from saap.runtime.errors import SaapError
+
+
+@dataclass
+class EvalSettings:
+    """What ``saap eval`` scores (its flags and the run config's ``eval:`` section come from these)."""
+
+    ppl: list[str] = option(help="perplexity sets: wikitext2, ptb, or text files", factory=list)
+    seq_len: str = option("128", "perplexity window in tokens (LLM-Pruner: 128), or 'max'")
+    ppl_windows: int | None = option(None, "evaluate only the first N perplexity windows")
+    tasks: list[str] = option(help="zero-shot tasks (lm-eval), or 'all' for the 7-task suite", factory=list)
+    limit: int | None = option(None, "first N documents of every zero-shot task")
+    per_document: bool = option(
+        False, "also store each zero-shot document's label and predicted choice (for paired comparisons)"
+    )
+    data_dir: Path | None = option(
+        None, "data directory (its zeroshot/ and ppl/; default: $SAAP_DATA_DIR, then saap's own copy)"
+    )
+    generate: bool = option(False, "greedy generations from fixed prompts")
+    batch_size: int = option(8, "sequences per forward pass")
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: str,
+    seq_len: int = 128,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of ``model`` on a named set (``wikitext2``, ``ptb``) or a text file."""
+    device = next(model.parameters()).device
+
+    def batch_nll(batch: torch.Tensor) -> float:
+        batch = batch.to(device)
+        with torch.inference_mode():
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return _windowed_perplexity(dataset, seq_len, limit, tokenize, batch_nll, batch_size, progress)
+
+
+def engine_perplexity(
+    engine, dataset: str, seq_len: int = 128, limit: int | None = None, progress: bool = True
+) -> dict:
+    """``perplexity`` of a deployed artifact through its engine (llama.cpp, ONNX Runtime): same text, same
+    windows, each prefilled on its own, the engine's own tokenizer without the tokens it adds around a text."""
+    added = len(engine.tokenize(""))  # BOS (or nothing): what the engine puts around any text
+
+    def window_nll(batch: torch.Tensor) -> float:  # a batch of one window: an engine holds one sequence
+        logits = torch.from_numpy(engine.prefill(batch[0].tolist())[:-1]).double()
+        return nn.functional.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
+
+    def tokenize(text: str) -> list[int]:
+        return engine.tokenize(text)[added:]
+
+    return _windowed_perplexity(dataset, seq_len, limit, tokenize, window_nll, 1, progress)
+
+
+def _windowed_perplexity(
+    dataset: str,
+    seq_len: int,
+    limit: int | None,
+    tokenize: Callable[[str], list[int]],
+    batch_nll: Callable[[torch.Tensor], float],
+    batch_size: int,
+    progress: bool,
+) -> dict:
+    """LLM-Pruner's protocol: the text tokenized once, cut into non-overlapping windows of ``seq_len``,
+    ``exp`` of the mean next-token loss (``batch_nll`` sums it over a batch of windows)."""
+    path = resolve_data_file(dataset, PERPLEXITY_SETS)
+    text = perplexity_text(path, dataset if dataset in PERPLEXITY_SETS else None)
+    ids = torch.tensor(tokenize(text))
+    num_windows = len(ids) // seq_len if limit is None else min(len(ids) // seq_len, limit)
+    if num_windows == 0:
+        raise SaapError(f"'{path}' has {len(ids)} tokens: fewer than one window of {seq_len}")
+    windows = ids[: num_windows * seq_len].view(num_windows, seq_len)
+    total_nll = 0.0
+    for batch in tqdm(windows.split(batch_size), desc=f"perplexity {dataset}", unit="batch", disable=not progress):
+        total_nll += batch_nll(batch)
+    tokens = num_windows * (seq_len - 1)
+    return {
+        "dataset": dataset,
+        "path": str(path),
+        "seq_len": seq_len,
+        "windows": num_windows,
+        "tokens_scored": tokens,
+        "perplexity": math.exp(total_nll / tokens),
+    }
+
+
+FIXED_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "def fibonacci(n):",
+    "The three primary colors are",
+)
+
+
+def generations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 32) -> list[dict]:
+    """Greedy continuations of fixed prompts: the "does it still write text" side of evaluation."""
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in FIXED_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+        samples.append(
+            {"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}
+        )
+    return samples
+
+
+def engine_generations(engine, max_new_tokens: int = 32) -> list[dict]:
+    """``generations`` through an engine: greedy, stopping at end of sequence as ``model.generate`` does."""
+    samples = []
+    for prompt in FIXED_PROMPTS:
+        completion = engine.detokenize(engine.generate(prompt, max_new_tokens))
+        samples.append({"prompt": prompt, "completion": completion})
+    return samples
+
+
+def results_markdown(results: dict) -> str:
+    """One markdown table per part of ``saap eval``'s JSON."""
+    params = f" ({results['params']:,} parameters)" if results.get("params") else ""
+    lines = [f"# Evaluation of `{results['model']}`{params}", ""]
+    if results.get("perplexity"):
+        lines += ["| perplexity set | windows × tokens | perplexity |", "|---|---|---|"]
+        for name, r in results["perplexity"].items():
+            lines.append(f"| {name} | {r['windows']} × {r['seq_len']} | {r['perplexity']:.2f} |")
+        lines.append("")
+    if results.get("zeroshot"):
+        z = results["zeroshot"]
+        lines += ["| task | metric | documents | score ± stderr |", "|---|---|---|---|"]
+        for task, r in z["tasks"].items():
+            lines.append(f"| {task} | {r['metric']} | {r['documents']} | {r['value']:.4f} ± {r['stderr'] or 0:.4f} |")
+        lines += [f"| **average** | | | **{z['average']:.4f} ± {z['average_stderr']:.4f}** |", ""]
+    if results.get("generations"):
+        lines += ["| prompt | greedy completion |", "|---|---|"]
+        for g in results["generations"]:
+            completion = g["completion"].replace("\n", " ").replace("|", "\\|")
+            lines.append(f"| {g['prompt']} | {completion} |")
+        lines.append("")
+    return "\n".join(lines)
