@@ -1,26 +1,13 @@
-"""``saap profile``: a per-engine decode cost model, fitted on this machine, stored as a reusable profile.
+"""``saap profile``: measures a model's decode cost on one engine of this machine and stores the fitted
+cost model (``saap.pipeline.prune.speed_model``, which the pruner reads for ``--target-speedup``).
 
-A speed requirement (``saap prune --target-speedup 1.5 --engine gguf:q8_0``) needs to know what each
-change to a layer saves on that engine. Decode is a sum of per-block fixed costs (kernel launches,
-norms, attention over the KV cache, graph overhead) and weight bytes over bandwidth, and the engines
-differ in the mix: llama.cpp's fixed costs are near zero, ONNX Runtime's are ~25 % of the time,
-torch on a GPU is almost all fixed cost. So the model is
-
-    ms per token = fixed + attention_ms x (layers with attention) + mlp_ms x (layers with an MLP)
-                   + kv_group_ms x (KV groups, all layers) + ms_per_mparam x (decoder-layer parameters / 1e6)
-
-(the embedding and output projection are in ``fixed``: pruning never changes them). A KV group
-costs more than its weights: its KV cache is read and its attention scores computed every token
-(measured: a profile without the term under-predicted what fewer KV groups save by 4 %, on llama.cpp
-and ONNX Runtime alike). It is fitted by least squares, the four slopes held non-negative, on decode
-times that ``saap bench`` measures,
-interleaved, for the model and a few *shape probes* of it: every MLP at half width, every layer at
-its fewest KV groups, and every other layer without attention, without its MLP, or removed whole.
-The probes' weights are the model's own, sliced (decode speed does not depend on their values).
+The decode times come from ``saap bench``, interleaved, for the model and a few *shape probes* of it:
+every MLP at half width, every layer at its fewest KV groups, and every other layer without attention,
+without its MLP, or removed whole. The probes' weights are the model's own, sliced (decode speed does
+not depend on their values).
 
     profile = fit_profile("smollm2-135m", EngineSpec.parse("gguf:q8_0"))   # measures (minutes)
     profile.save(default_path(config, spec))                                # what prune finds by --engine
-    profile.cost.predict_ms(config, shapes)                                 # ms per token at shapes
 """
 
 from __future__ import annotations
@@ -34,24 +21,9 @@ from pathlib import Path
 from saap.pipeline.prune.baselines import empty_scores
 from saap.pipeline.prune.pruner import shrink_model
 from saap.pipeline.prune.settings import PruneSettings
-from saap.pipeline.prune.speed_model import (
-    SCHEMA,
-    CostModel,
-    EngineSpec,
-    Profile,
-    default_path,
-    features,
-    find_profile,
-    fit,
-    shape_key,
-)
+from saap.pipeline.prune.speed_model import EngineSpec, Profile, features, fit, shape_key
 from saap.runtime.errors import SaapError
 from saap.runtime.surgery import LayerShape, layer_shapes
-
-# the cost model and the stored profile live in prune/speed_model.py (the pruner reads them); re-exported
-# here, where ``saap profile`` makes them
-__all__ = ["SCHEMA", "CostModel", "EngineSpec", "Profile", "default_path", "features", "find_profile", "fit",
-           "fit_profile", "probe_checkpoints", "shape_key"]  # fmt: skip
 
 PROBE_PROMPT_TOKENS = 128  # the bench's default prompt: decode is timed at this context
 PROBE_GEN_TOKENS = 64

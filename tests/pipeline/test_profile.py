@@ -1,4 +1,3 @@
-import json
 from dataclasses import asdict
 
 import numpy as np
@@ -6,42 +5,20 @@ import pytest
 import torch
 
 from saap.pipeline.cli import main
-from saap.pipeline.profile import (
-    PROBES,
-    CostModel,
-    EngineSpec,
-    Profile,
-    default_path,
-    features,
-    find_profile,
-    fit,
-    fit_profile,
-    shape_key,
-)
+from saap.pipeline.profile import PROBES, fit_profile
 from saap.pipeline.prune import PruneSettings, prune
+from saap.pipeline.prune.speed_model import CostModel, EngineSpec, default_path, features, find_profile, fit
 from saap.runtime.checkpoint import save_checkpoint
 from saap.runtime.errors import SaapError
 from saap.runtime.models import LoadedModel
 from saap.runtime.surgery import LayerShape, layer_shapes
 from tests.conftest import make_model
+from tests.pipeline.prune.test_speed_model import make_profile
 
 
 def probe_rows(config):
     shapes = layer_shapes(config)
     return [features(config, make(shapes, 8)) for make in PROBES.values()]
-
-
-def make_profile(config, cost: CostModel, engine: str = "gguf:q8_0") -> Profile:
-    return Profile(engine, cost, {"source": "tiny", "shape_key": shape_key(config)}, 2, {}, [], "now", "test")
-
-
-def test_engine_specs_parse_with_defaults_and_refuse_what_no_engine_runs():
-    assert EngineSpec.parse("gguf:q8_0") == EngineSpec("gguf", "q8_0", "cpu")
-    assert EngineSpec.parse("torch") == EngineSpec("torch", "fp32", "cpu")
-    assert str(EngineSpec.parse("onnx:int8@cuda")) == "onnx:int8@cuda"
-    for bad, message in [("tflite", "unknown engine"), ("onnx:q8_0", "no quantization"), ("torch@tensorrt", "runs on")]:
-        with pytest.raises(SaapError, match=message):
-            EngineSpec.parse(bad)
 
 
 def test_the_probes_separate_the_five_coefficients_and_the_fit_recovers_them():
@@ -60,21 +37,6 @@ def test_the_fit_keeps_slopes_non_negative():
     ms = [5.0 - 0.05 * r[1] + 300.0 * r[4] for r in rows]  # attention blocks "save" time: noise, not physics
     cost = fit(rows, ms)
     assert cost.attention_ms == 0 and cost.ms_per_mparam > 0 and cost.mlp_ms >= 0
-
-
-def test_a_profile_round_trips_and_belongs_to_its_model_shape(tmp_path):
-    config = make_model(heads=4, kv_heads=2, layers=3).config
-    profile = make_profile(config, CostModel(1.0, 0.1, 0.1, 0.0, 2.0))
-    profile.save(tmp_path / "p.json")
-    assert Profile.load(tmp_path / "p.json") == profile
-    other = make_model(heads=4, kv_heads=2, layers=4).config
-    with pytest.raises(SaapError, match="fitted on a model of shape"):
-        Profile.load(tmp_path / "p.json").check_model(other)
-    (tmp_path / "bad.json").write_text(json.dumps({"schema": "something/1"}))
-    with pytest.raises(SaapError, match="not a saap profile"):
-        Profile.load(tmp_path / "bad.json")
-    with pytest.raises(SaapError, match="does not match the profile's engine"):
-        find_profile(config, "onnx:fp32", str(tmp_path / "p.json"))
 
 
 def test_prune_without_a_stored_profile_says_how_to_make_one(monkeypatch, tmp_path, capsys, hf_dir, text_file):
