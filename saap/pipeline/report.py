@@ -165,12 +165,29 @@ def quality_rows(columns: list[dict | None]) -> list[list[str]]:
     tasks = (last.get("zeroshot") or {}).get("tasks", {})
     for task, r in tasks.items():
         results = [((c or {}).get("zeroshot") or {}).get("tasks", {}).get(task) or {} for c in columns]
-        rows.append([f"{task} {r['metric']} ↑", *(_score(t.get("value"), t.get("stderr")) for t in results)])
+        rows.append([f"{task} {r['metric']} ↑", *_scores([(t.get("value"), t.get("stderr")) for t in results])])
     if tasks:
         label = "**7-task average** ↑" if len(tasks) == 7 else "**average** ↑"
         zeroshots = [(c or {}).get("zeroshot") or {} for c in columns]
-        rows.append([label, *(_score(z.get("average"), z.get("average_stderr")) for z in zeroshots)])
+        rows.append([label, *_scores([(z.get("average"), z.get("average_stderr")) for z in zeroshots])])
     return rows
+
+
+NOISE = "≈"  # marks a score within 2 standard errors of the first column's (dense): not a measured difference
+
+
+def _scores(cells: list[tuple[float | None, float | None]]) -> list[str]:
+    """``_score`` of each column; a later column whose difference from the first is within 2 standard
+    errors of that difference (independent samples: sqrt(se1^2 + se2^2)) is marked ``NOISE``, so that a
+    40-document table does not read as "pruning made the model better"."""
+    (base, base_se), texts = cells[0], []
+    for i, (value, se) in enumerate(cells):
+        text = _score(value, se)
+        comparable = i > 0 and None not in (value, se, base, base_se)
+        if comparable and abs(value - base) <= 2 * (se**2 + base_se**2) ** 0.5:
+            text += f" {NOISE}"
+        texts.append(text)
+    return texts
 
 
 def run_commands(data: dict) -> list[tuple[str, str]]:
@@ -271,6 +288,8 @@ def _quality_section(data: dict, charts: dict[str, str]) -> list[str]:
     if docs - {None}:
         counts = ", ".join(map(str, sorted(docs - {None})))
         lines += [f"Accuracies ± their standard errors, from the first {counts} documents of each task.", ""]
+    if any(NOISE in cell for row in quality for cell in row[2:]):
+        lines += [f"{NOISE}: within 2 standard errors of the dense score, so not a measured difference.", ""]
     skipped = ((data["model_eval"] or {}).get("skipped") or {}).items()
     lines += [f"{name} perplexity not measured: {why}." for name, why in skipped] + ([""] if skipped else [])
     return lines

@@ -125,6 +125,17 @@ def test_helpers():
     scored = evaluation(3.0, 0.5)
     scored["zeroshot"]["tasks"]["piqa"]["stderr"] = 0.0712
     assert quality_rows([scored])[1] == ["piqa acc ↑", "0.500 ± 0.071"]
+
+
+def test_scores_within_two_standard_errors_of_dense_are_marked_as_noise():
+    def scored(acc: float, stderr: float) -> dict:
+        doc = evaluation(3.0, acc)
+        doc["zeroshot"]["tasks"]["piqa"]["stderr"] = stderr
+        return doc
+
+    dense, close, far = scored(0.432, 0.03), scored(0.493, 0.03), scored(0.30, 0.03)  # 2 se of the gap: 0.085
+    assert quality_rows([dense, close, far])[1] == ["piqa acc ↑", "0.432 ± 0.030", "0.493 ± 0.030 ≈", "0.300 ± 0.030"]
+    assert quality_rows([dense, evaluation(3.0, 0.5)])[1][2] == "0.500"  # no standard error: no verdict
     result = {"model": "b", "engine": "onnx", "quant": "int8", "by_prompt": {"32": {"decode_tok_s": {"median": 9.0}}}}
     rows = throughput_rows({"results": [result]})
     assert rows[0]["setup"] == "onnx int8" and rows[0]["decode"] == 9.0 and rows[0]["prompt_tokens"] == "32"
