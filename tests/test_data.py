@@ -2,6 +2,8 @@
 through ``--data-dir`` / ``$SAAP_DATA_DIR`` before saap's own copy."""
 
 import hashlib
+import json
+import os
 import re
 import subprocess
 import sys
@@ -81,14 +83,14 @@ def test_a_missing_unshipped_set_is_skipped_with_how_to_add_it(monkeypatch, tmp_
 
 
 def test_saap_eval_skips_ptb_in_one_line_and_scores_the_rest(hf_dir, tmp_path):
-    env = {k: v for k, v in __import__("os").environ.items() if k != DATA_DIR_ENV}
+    env = {k: v for k, v in os.environ.items() if k != DATA_DIR_ENV}
     cmd = [sys.executable, "-m", "saap", "eval", "--model", str(hf_dir), "--ppl", "wikitext2", "ptb",
            "--ppl-windows", "2", "--seq-len", "16", "--quiet", "--out", str(tmp_path / "e.json")]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "ptb" in line]
     assert len(lines) == 1 and lines[0].startswith("saap: skipping ptb perplexity")
-    result = __import__("json").loads((tmp_path / "e.json").read_text())
+    result = json.loads((tmp_path / "e.json").read_text())
     assert list(result["perplexity"]) == ["wikitext2"] and "ptb" in result["skipped"]
 
 

@@ -50,7 +50,7 @@ accuracy_level 0 there by default (``benchmarks/results/onnx-fused-smollm2-135m.
 --accuracy-level 4`` chooses them, for CPUs whose float 4-bit kernel is slow.
 Embedding and lm_head: the tied table stays one initializer - in fp32 it is
 stored once as [hidden, vocab] (read by the lm_head MatMul directly, and by a Gather along axis 1 for
-the lookup), quantized it is export/onnx.py's symmetric 8-bit table shared by GatherBlockQuantized
+the lookup), quantized it is onnx_quant.py's symmetric 8-bit table shared by GatherBlockQuantized
 and MatMulNBits, with the top-8 logits recomputed in float32.
 """
 
@@ -121,7 +121,7 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
-    # An add-in for QuantizedTable of export/onnx.py, which writes through an editor.
+    # An add-in for onnx_quant.QuantizedTable, which writes through an editor.
     def add_initializer(self, array: np.ndarray, name: str) -> str:
         return self.init(name, array)
 

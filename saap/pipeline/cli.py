@@ -126,10 +126,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise SaapError("nothing to evaluate: pass --ppl wikitext2 ptb, --tasks all, and/or --generate")
     if args.ppl_windows is not None and args.ppl_windows < 1 or args.limit is not None and args.limit < 1:
         raise SaapError("--ppl-windows and --limit must be at least 1")
-    args.skipped = missing_unshipped(args.ppl)
-    for name, why in args.skipped.items():
+    skipped = missing_unshipped(args.ppl)
+    for name, why in skipped.items():
         print(f"saap: skipping {name} perplexity: {why}", file=sys.stderr)
-    args.ppl = [dataset for dataset in args.ppl if dataset not in args.skipped]
+    args.ppl = [dataset for dataset in args.ppl if dataset not in skipped]
     for dataset in args.ppl:
         resolve_data_file(dataset, PERPLEXITY_SETS)
     if tasks:  # validates task names and data files before the model load
@@ -138,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             prepare_tasks(tasks, args.data_dir, Path(tmp))
     if args.engine != "torch":
-        return _eval_on_engine(args, tasks)
+        return _eval_on_engine(args, tasks, skipped)
     device = torch_device(args.device)  # before the model load: a missing GPU fails at once
     if args.threads:
         import torch
@@ -153,9 +153,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "model": args.model,
         "source": loaded.source,
         "params": model_parameter_count(loaded.model),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "model", "skipped")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "model")},
         "perplexity": {},
-        "skipped": args.skipped,
+        "skipped": skipped,
     }
     for dataset in args.ppl:
         result = perplexity(
@@ -189,7 +189,7 @@ def _print_perplexity(result: dict) -> None:
     print(f"{result['dataset']:>13}  perplexity {result['perplexity']:.2f}  ({windows})")
 
 
-def _eval_on_engine(args: argparse.Namespace, tasks: list[str]) -> None:
+def _eval_on_engine(args: argparse.Namespace, tasks: list[str], skipped: dict[str, str]) -> None:
     """``saap eval --engine gguf|onnx``: the deployed file's perplexity and generations, through its runtime."""
     from saap.pipeline.evaluate import engine_generations, engine_perplexity, results_markdown
     from saap.runtime.engine import EngineSettings, load_engine
@@ -202,14 +202,9 @@ def _eval_on_engine(args: argparse.Namespace, tasks: list[str]) -> None:
     seq_len = int(args.seq_len)
     settings = EngineSettings(args.device, args.threads, n_ctx=max(seq_len, 128) + 64, n_gpu_layers=args.n_gpu_layers)
     engine = load_engine(args.engine, args.model, settings)
-    settings_record = {k: v for k, v in vars(args).items() if k not in ("func", "model", "skipped")}
-    results = {
-        "model": args.model,
-        "engine": args.engine,
-        "settings": settings_record,
-        "perplexity": {},
-        "skipped": args.skipped,
-    }
+    settings_record = {k: v for k, v in vars(args).items() if k not in ("func", "model")}
+    results = {"model": args.model, "engine": args.engine, "settings": settings_record, "perplexity": {}}
+    results |= {"skipped": skipped}
     for dataset in args.ppl:
         result = engine_perplexity(engine, dataset, seq_len, args.ppl_windows, not args.quiet)
         results["perplexity"][dataset] = result

@@ -43,11 +43,6 @@ def data_dirs() -> list[Path]:
     return ([Path(user).expanduser()] if user else []) + [PACKAGED_DATA]
 
 
-def data_dir() -> Path:
-    """The first data directory (the user's, else saap's own): where a new file is expected."""
-    return data_dirs()[0]
-
-
 def find_data_file(relative: str) -> Path | None:
     """``relative`` (``zeroshot/boolq/dev.jsonl``) in the first data directory that has it."""
     return next((d / relative for d in data_dirs() if (d / relative).is_file()), None)
@@ -56,7 +51,7 @@ def find_data_file(relative: str) -> Path | None:
 def resolve_data_file(spec: str, named: dict[str, str] | None = None) -> Path:
     """A named data set (``wikitext2``) or a path; relative paths also tried under the data dirs."""
     if named and spec in named:
-        path = find_data_file(named[spec]) or data_dir() / named[spec]
+        path = find_data_file(named[spec]) or data_dirs()[0] / named[spec]  # the error names the first
     else:
         path = Path(spec).expanduser()
         if not path.exists() and not path.is_absolute():
