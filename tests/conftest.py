@@ -1,11 +1,11 @@
-"""Tiny random Llama models and tokenizers built in-process (no downloads, milliseconds to make)."""
+"""Tiny random models of every supported family and tokenizers, built in-process (no downloads, milliseconds)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. A pruned model keeps its most important heads. "
@@ -27,23 +27,38 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+# What each family's tiny config sets beyond the shared sizes: the features saap must carry through
+# (Qwen2's q/k/v biases are always on; Gemma 3's window is short so the tests' prompts cross it, and
+# its layer pattern is llama.cpp's: every 6th layer global).
+FAMILY_EXTRAS = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma3_text": {"sliding_window": 8, "query_pre_attn_scalar": 16},
+}
+FAMILY_LAYERS = {"gemma3_text": 6}  # one global layer among five sliding ones
+
+
 def make_model(
     heads: int = 4,
     kv_heads: int = 2,
-    layers: int = 3,
+    layers: int | None = None,
     tied: bool = True,
     hidden: int = 64,
     intermediate: int = 128,
     head_dim: int = 16,
     vocab_size: int = 300,
     seed: int = 0,
-) -> LlamaForCausalLM:
+    family: str = "llama",
+) -> PreTrainedModel:
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        family,
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_hidden_layers=layers,
+        num_hidden_layers=layers or FAMILY_LAYERS.get(family, 3),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
@@ -52,13 +67,19 @@ def make_model(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
+        **FAMILY_EXTRAS[family],
     )
-    model = LlamaForCausalLM(config)
-    # Random init is small; scale up so that removing a group visibly changes the logits.
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init is small; scale up so that removing a group visibly changes the logits. Biases and
+    # norms are randomised too, so a bias or norm written to the wrong place shows.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
 
 
@@ -72,7 +93,7 @@ ARCHITECTURES = {
 
 
 @pytest.fixture(params=list(ARCHITECTURES))
-def tiny_model(request) -> LlamaForCausalLM:
+def tiny_model(request) -> PreTrainedModel:
     heads, kv_heads, tied = ARCHITECTURES[request.param]
     return make_model(heads=heads, kv_heads=kv_heads, tied=tied)
 

@@ -1,13 +1,14 @@
 """The saap checkpoint: a plain directory anyone can read, with per-layer shapes made explicit.
 
-    config.json        standard Llama keys + ``*_per_layer`` lists (see runtime.surgery)
+    config.json        the family's standard keys + ``*_per_layer`` lists (see runtime.surgery)
     model.safetensors  weights at their pruned shapes (tied lm_head stored once, as HF does)
     tokenizer files    whatever the Hugging Face tokenizer writes
     saap.json          provenance: source and its sha256, settings, parameter counts, file sha256s
 
 Writes go to a temporary sibling directory renamed into place at the end, so a crash never leaves
 a half-written checkpoint. Loading builds the model at its stored shapes on the meta device (no
-dense model, no random init), loads the safetensors strictly and verifies every sha256.
+dense model, no random init), loads the safetensors strictly and verifies every sha256. The family
+(``runtime.families``) comes from ``config.json``'s ``model_type``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from saap.runtime.errors import SaapError
+from saap.runtime.families import family_of
 from saap.runtime.io import atomic_dir
 from saap.runtime.surgery import has_output_bias, head_dim, layer_shapes, reshape_empty_layer
 
@@ -45,7 +54,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def save_checkpoint(
-    model: LlamaForCausalLM,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     metadata: dict[str, Any],
@@ -53,7 +62,7 @@ def save_checkpoint(
 ) -> dict[str, Any]:
     """Write ``model`` and ``tokenizer`` as a saap checkpoint; returns the saap.json written."""
     with atomic_dir(out_dir, overwrite) as tmp:
-        model.config.architectures = ["LlamaForCausalLM"]
+        model.config.architectures = [family_of(model).architecture]
         model.config.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
@@ -86,17 +95,22 @@ def verify_files(path: str | Path, metadata: dict[str, Any]) -> None:
 
 def load_checkpoint(
     path: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict[str, Any]]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Load a saap checkpoint at its stored per-layer shapes."""
     path = Path(path)
     metadata = read_metadata(path)
     if verify:
         verify_files(path, metadata)
-    config = LlamaConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SaapError(f"checkpoint '{path}': cannot read config.json: {str(e).splitlines()[0]}") from None
+    family = family_of(config)
+    # Parameters on the meta device, buffers (RoPE frequencies, Gemma's embedding scale) built for real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
     hd = head_dim(config)
-    for layer, shape in zip(model.model.layers, layer_shapes(config), strict=True):
+    for layer, shape in zip(family.layers(model), layer_shapes(config), strict=True):
         reshape_empty_layer(layer, shape, hd, has_output_bias(config))
 
     try:
@@ -117,9 +131,7 @@ def load_checkpoint(
             raise SaapError(f"checkpoint '{path}': {name} has shape {tuple(tensor.shape)}, config says {tuple(want)}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # Non-persistent buffers (RoPE frequencies) are not in the file: build them for real.
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+        model.tie_weights()
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise SaapError(f"checkpoint '{path}' left tensors unloaded: {still_meta[:3]}")

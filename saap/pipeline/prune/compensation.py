@@ -12,7 +12,16 @@ from tqdm.auto import tqdm
 
 from saap.pipeline.prune import baselines
 from saap.pipeline.prune.context import PruneContext, Scored
-from saap.runtime.surgery import LayerShape, attention_columns, has_attention, has_mlp, head_dim, kept_indices
+from saap.runtime.surgery import (
+    LayerShape,
+    attention_columns,
+    block_output,
+    decoder_layers,
+    has_attention,
+    has_mlp,
+    head_dim,
+    kept_indices,
+)
 
 # Ridge added to each Gram matrix, as a fraction of its mean diagonal (SparseGPT's percdamp, there
 # 0.01): it keeps H[S, S] invertible and pulls the fit towards the sliced weights. Held-out C4 tokens
@@ -69,7 +78,7 @@ class LeastSquares:
         grams = input_grams(ctx.model, ctx.compensation_batches, kept)
         before = after = 0.0
         for (i, module), columns in tqdm(kept.items(), desc="least squares", disable=not ctx.progress):
-            linear = _projection(ctx.model.model.layers[i], module)
+            linear = block_output(decoder_layers(ctx.model)[i], module)
             errors = refit(linear, columns, grams.pop((i, module)))
             before, after = before + errors[0], after + errors[1]
         n = max(len(kept), 1)
@@ -85,15 +94,11 @@ class LeastSquares:
         }
 
 
-def _projection(layer, module: str):
-    return layer.self_attn.o_proj if module == "attention" else layer.mlp.down_proj
-
-
 def kept_columns(ctx: PruneContext, scored: Scored, plan: list[LayerShape]) -> dict[tuple[int, str], torch.Tensor]:
     """(layer, module) -> the o_proj / down_proj input columns slicing keeps, for every module that
     loses some groups but not all (``pruner.shrink_model`` keeps the same ones)."""
     hd, kept = head_dim(ctx.config), {}
-    for i, (layer, shape, target) in enumerate(zip(ctx.model.model.layers, ctx.shapes, plan, strict=True)):
+    for i, (layer, shape, target) in enumerate(zip(decoder_layers(ctx.model), ctx.shapes, plan, strict=True)):
         if has_attention(layer) and 0 < target.num_key_value_heads < shape.num_key_value_heads:
             groups = kept_indices(scored.scores.attention[i], target.num_key_value_heads)
             kept[(i, "attention")] = attention_columns(shape, hd, groups)
@@ -114,8 +119,8 @@ def input_grams(model, batches: list[torch.Tensor], wanted) -> dict[tuple[int, s
 
         return accumulate
 
-    layers = model.model.layers
-    handles = [_projection(layers[i], m).register_forward_pre_hook(hook((i, m))) for i, m in wanted]
+    layers = decoder_layers(model)
+    handles = [block_output(layers[i], m).register_forward_pre_hook(hook((i, m))) for i, m in wanted]
     try:
         with torch.no_grad():
             for batch in batches:  # the decoder only: the logits are not needed

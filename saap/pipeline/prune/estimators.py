@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from saap.runtime.surgery import LayerShape, group_sums, head_dim, layer_shapes, prunable_linears
+from saap.runtime.surgery import LayerShape, decoder_layers, group_sums, head_dim, layer_shapes, prunable_linears
 
 
 @dataclass
@@ -98,11 +98,11 @@ def accumulate_gradients(model: nn.Module, batches: list[torch.Tensor], progress
     loss over all samples whatever the batch size (equal-length windows: every token counts once).
     """
     model.requires_grad_(False)
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         for linear in prunable_linears(layer).values():
             linear.weight.requires_grad_(True)
             linear.weight.grad = None
-    device = model.model.embed_tokens.weight.device  # the first device under a device map
+    device = model.get_input_embeddings().weight.device  # the first device under a device map
     samples = sum(len(b) for b in batches)
     for batch in tqdm(batches, desc="calibration gradients", unit="batch", disable=not progress):
         batch = batch.to(device)
@@ -124,7 +124,7 @@ def score_groups(
     hd = head_dim(model.config)
     attention, mlp = [], []
     with torch.no_grad():
-        for layer, shape in zip(model.model.layers, layer_shapes(model.config), strict=True):
+        for layer, shape in zip(decoder_layers(model), layer_shapes(model.config), strict=True):
             a, m = _layer_scores(layer, shape, hd, estimator)
             attention.append(a)
             mlp.append(m)

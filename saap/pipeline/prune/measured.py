@@ -43,7 +43,17 @@ from saap.pipeline.prune.context import PruneContext, Scored
 from saap.pipeline.prune.estimators import GroupScores
 from saap.pipeline.prune.units import kept_kv_counts
 from saap.runtime.errors import SaapError
-from saap.runtime.surgery import LayerShape, attention_columns, has_attention, has_mlp, head_dim, kept_indices
+from saap.runtime.families import family_of
+from saap.runtime.surgery import (
+    LayerShape,
+    attention_columns,
+    block_output,
+    decoder_layers,
+    has_attention,
+    has_mlp,
+    head_dim,
+    kept_indices,
+)
 
 DP_STEPS = 4000  # budget resolution of the knapsack: 0.025 % of the budget
 SUPPORT_TOP = 32  # the KL's vocabulary: the union of every position's dense top 32
@@ -87,7 +97,7 @@ class Probe:
     """
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, scores: GroupScores, shapes: list[LayerShape]):
-        self.model, self.layers, self.shapes, self.scores = model, model.model.layers, shapes, scores
+        self.model, self.layers, self.shapes, self.scores = model, decoder_layers(model), shapes, scores
         self.hd = head_dim(model.config)
         self.plan: dict[int, Keep] = {}
         self.runs = 0
@@ -95,9 +105,11 @@ class Probe:
         self._handles = []
         for i, layer in enumerate(self.layers):
             if has_attention(layer):
-                self._handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._hook(i, "attention")))
+                self._handles.append(
+                    block_output(layer, "attention").register_forward_pre_hook(self._hook(i, "attention"))
+                )
             if has_mlp(layer):
-                self._handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._hook(i, "mlp")))
+                self._handles.append(block_output(layer, "mlp").register_forward_pre_hook(self._hook(i, "mlp")))
         with torch.no_grad():
             self.kwargs, inputs = self._capture(tokens)
             self._dense_support(self._run(0, inputs[0]))
@@ -135,15 +147,15 @@ class Probe:
         return self._masks[key]
 
     def _capture(self, tokens: torch.Tensor):
-        """One forward: the keyword arguments every decoder layer gets, and each layer's input."""
+        """One forward: each decoder layer's keyword arguments and input. The arguments are kept per
+        layer: sliding-window layers (Gemma 3, Mistral) get another attention mask than full ones."""
         inputs: list[torch.Tensor | None] = [None] * len(self.layers)
-        kwargs: dict = {}
+        kwargs: list[dict] = [{} for _ in self.layers]
 
         def grab(i: int):
             def hook(layer, args, kw):
                 inputs[i] = args[0] if args else kw["hidden_states"]
-                if i == 0:
-                    kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+                kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
 
             return hook
 
@@ -160,16 +172,16 @@ class Probe:
 
         ``hidden`` may hold the first rows of the probe's sequences only (a cheaper screening run):
         the causal mask is the same for every row, so it is cut to match."""
-        kwargs = dict(self.kwargs)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.shape[0] > hidden.shape[0]:
-            kwargs["attention_mask"] = mask[: hidden.shape[0]]
         for i in range(start, len(self.layers)):
             if inputs is not None:
                 inputs[i] = hidden
+            kwargs = dict(self.kwargs[i])
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape[0] > hidden.shape[0]:
+                kwargs["attention_mask"] = mask[: hidden.shape[0]]
             out = self.layers[i](hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return self.model.model.norm(hidden)
+        return family_of(self.model).final_norm(self.model)(hidden)
 
     def _logits(self, hidden: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
         head = self.model.lm_head

@@ -29,6 +29,7 @@ from saap.runtime.models import LoadedModel
 from saap.runtime.surgery import (
     LayerShape,
     decode_parameter_count,
+    decoder_layers,
     head_dim,
     kept_indices,
     layer_parameter_count,
@@ -51,7 +52,7 @@ def dispatch(model: nn.Module, device_map: str | dict = "auto", force_hooks: boo
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
-    no_split = [type(model.model.layers[0]).__name__]
+    no_split = [type(decoder_layers(model)[0]).__name__]
     if device_map == "auto":
         max_memory = get_balanced_memory(model, no_split_module_classes=no_split)
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
@@ -89,7 +90,7 @@ def shrink_model(model: nn.Module, scores: GroupScores, plan: list[LayerShape]) 
     hd = head_dim(model.config)
     current = layer_shapes(model.config)
     new_shapes = []
-    for i, (layer, shape, target) in enumerate(zip(model.model.layers, current, plan, strict=True)):
+    for i, (layer, shape, target) in enumerate(zip(decoder_layers(model), current, plan, strict=True)):
         if target == shape:
             new_shapes.append(shape)
             continue

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saap.runtime.surgery import (
+    decoder_layers,
     groups_from_reduced,
     head_dim,
     layer_shapes,
@@ -64,7 +65,7 @@ def collect_statistics(model: nn.Module, batches: list[torch.Tensor], progress: 
         metric: {module: [[] for _ in shapes] for module in MODULES} for metric in METRICS
     }
     handles = []
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder_layers(model)):
         for name, linear in prunable_linears(layer).items():
             weight = linear.weight
             weight.requires_grad_(True)
@@ -86,7 +87,7 @@ def collect_statistics(model: nn.Module, batches: list[torch.Tensor], progress: 
         for batch in tqdm(batches, desc="saap importance", unit="batch", disable=not progress):
             batch = batch.to(device)
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-            for i, (layer, shape) in enumerate(zip(model.model.layers, shapes, strict=True)):
+            for i, (layer, shape) in enumerate(zip(decoder_layers(model), shapes, strict=True)):
                 names = prunable_linears(layer)
                 for metric in METRICS:
                     reduced = {n: batch_reduced[metric][i, n] for n in names}
@@ -102,7 +103,7 @@ def collect_statistics(model: nn.Module, batches: list[torch.Tensor], progress: 
     total: dict[str, dict[str, list[torch.Tensor]]] = {m: {module: [] for module in MODULES} for m in METRICS}
     n = len(batches)
     with torch.no_grad():
-        for i, (layer, shape) in enumerate(zip(model.model.layers, shapes, strict=True)):
+        for i, (layer, shape) in enumerate(zip(decoder_layers(model), shapes, strict=True)):
             vector, element = {}, {}
             for name, linear in prunable_linears(layer).items():
                 w, g, f = linear.weight.detach(), linear.weight.grad / n, fisher[i, name] / n

@@ -1,0 +1,72 @@
+"""Gemma 3 (text): four norms per layer, q/k norm, GeGLU, a scaled embedding, local and global attention.
+
+* Norms: ``input_layernorm`` before attention, ``post_attention_layernorm`` on its output before the
+  residual add, ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` around the MLP; all
+  multiply by (1 + weight). A removed block's output is zero and its post-norm keeps it zero, so
+  removing a block stays exact.
+* Attention: per-head q/k RMSNorm; ``layer_types`` marks each layer sliding (window
+  ``sliding_window``, RoPE base ``rope_local_base_freq``) or full (``rope_theta``, ``rope_scaling``).
+* MLP: gelu(tanh)(gate) * up; the embedding lookup is multiplied by sqrt(hidden_size).
+"""
+
+from saap.runtime.errors import SaapError
+from saap.runtime.families import register
+from saap.runtime.families.base import Family
+
+# llama.cpp's gemma3 graph hard-codes what it does not read from the file: every 6th layer global,
+# local RoPE base 10000, query scale 1/sqrt(head_dim).
+LLAMA_CPP_SWA_PERIOD = 6
+LLAMA_CPP_LOCAL_ROPE_BASE = 10000.0
+
+
+@register
+class Gemma3(Family):
+    model_type = "gemma3_text"
+    architecture = "Gemma3ForCausalLM"
+    display = "Gemma 3"
+    post_attention_norm = "post_attention_layernorm"
+    pre_mlp_norm = "pre_feedforward_layernorm"
+    post_mlp_norm = "post_feedforward_layernorm"
+    qk_norm = True
+    norm_offset = 1.0
+    gguf_arch = "gemma3"
+    gguf_per_layer_arch = None
+    genai_type = "gemma3_text"
+
+    @staticmethod
+    def embedding_scale(config) -> float:
+        return config.hidden_size**0.5
+
+    @staticmethod
+    def sliding_window(config, layer: int) -> int | None:
+        return config.sliding_window if config.layer_types[layer] == "sliding_attention" else None
+
+    @staticmethod
+    def rotary(model, layer: int):
+        sliding = model.config.layer_types[layer] == "sliding_attention"
+        return model.model.rotary_emb_local if sliding else model.model.rotary_emb
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, key, None):
+                raise SaapError(f"Gemma 3: {key} is not supported by saap's exporters")
+
+    @classmethod
+    def gguf_keys(cls, writer, config) -> None:
+        expected = [
+            "full_attention" if (i + 1) % LLAMA_CPP_SWA_PERIOD == 0 else "sliding_attention"
+            for i in range(config.num_hidden_layers)
+        ]
+        hd = config.head_dim
+        if (
+            list(config.layer_types) != expected
+            or float(config.rope_local_base_freq) != LLAMA_CPP_LOCAL_ROPE_BASE
+            or config.query_pre_attn_scalar != hd
+        ):
+            raise SaapError(
+                "llama.cpp's gemma3 graph fixes the layer pattern (every 6th global), the local RoPE base "
+                "(10000) and the query scale (1/sqrt(head_dim)); this model differs, so it has no GGUF form"
+            )
+        writer.add_sliding_window(int(config.sliding_window))
