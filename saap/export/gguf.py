@@ -1,10 +1,20 @@
-"""GGUF export for llama.cpp, with per-layer shapes.
+"""GGUF export for llama.cpp, with per-layer shapes where llama.cpp has a graph for them.
 
-A checkpoint whose layers all have the same shape is written as architecture ``llama``. A pruned one
-(head counts or MLP widths differ per layer) is written as ``deci`` (DeciLM / Nemotron-NAS in
-llama.cpp): the same graph as ``llama``, but ``head_count``, ``head_count_kv`` and
-``feed_forward_length`` are per-layer arrays, and 0 means the layer's attention / MLP is gone.
-llama.cpp's ``llama`` architecture rejects per-layer shapes ("tensor has wrong shape").
+The family adapter (``runtime.families``) names the architecture, as llama.cpp's converter classes do:
+a checkpoint whose layers all have one shape is written as the family's own (``llama`` for Llama and
+Mistral, ``qwen2``, ``qwen3``, ``gemma3``). A pruned Llama or Mistral (head counts or MLP widths differ
+per layer) is written as ``deci`` (DeciLM / Nemotron-NAS in llama.cpp): the same graph as ``llama``,
+but ``head_count``, ``head_count_kv`` and ``feed_forward_length`` are per-layer arrays, and 0 means the
+layer's attention / MLP is gone. llama.cpp's ``llama``, ``qwen2``, ``qwen3`` and ``gemma3`` build
+every layer from layer 0's sizes ("tensor has wrong shape"), and no per-layer graph fits Qwen2 (deci's
+q bias is full width), Qwen3 or Gemma 3 (q/k norms): those export per-layer shapes to ONNX only, and
+the export says so in one line. llama.cpp's ``qwen2`` also sizes q as hidden x hidden, so a Qwen2
+with fewer query heads in every layer is written as ``llama``, whose biases are optional.
+
+The family also says how its tensors are written: RoPE rows permuted for llama.cpp's "normal" RoPE
+(``llama``, ``deci``) or left in HF's order ("neox": ``qwen2``, ``qwen3``, ``gemma3``); its norms by role (Gemma's
+post-attention / post-MLP norms, per-head q/k norms), with Gemma's ``1 + weight`` folded in as
+convert_hf_to_gguf.py does; and its extra keys (Gemma's sliding window).
 
 Everything goes through gguf-py's ``GGUFWriter``; quantized types are produced by llama.cpp's own
 quantizer (``llama_model_quantize``) from a float32 GGUF written first. The tokenizer is converted
@@ -31,6 +41,7 @@ import torch
 
 from saap.export.formats import DEFAULT_QUANT, GGUF_QUANTS
 from saap.runtime.errors import SaapError
+from saap.runtime.families import Family, family_of
 from saap.runtime.io import atomic_file
 from saap.runtime.native import verbose
 from saap.runtime.surgery import LayerShape, head_dim, layer_shapes
@@ -46,6 +57,10 @@ LLAMA_QUANTS = {
     "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", ("Q4_K", "Q5_K", "Q6_K")),
     "q5_k_m": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", ("Q5_K", "Q6_K")),
 }
+# llama.cpp architectures whose head counts / FFN widths are per-layer arrays, and those whose RoPE is
+# "normal" (interleaved pairs, so HF's rotate-half q/k rows are permuted) rather than "neox".
+PER_LAYER_ARCHS = {"deci"}
+NORMAL_ROPE_ARCHS = {"llama", "deci"}
 # Width of the all-zero MLP written where llama.cpp cannot express "no MLP" (see _written_shapes);
 # 32 is the smallest width every 32-block quant type accepts.
 PLACEHOLDER_FFN = 32
@@ -318,12 +333,26 @@ def _cast(array: np.ndarray, quant: str) -> tuple[np.ndarray, Any]:
     ), gguf.GGMLQuantizationType.BF16
 
 
-def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerShape], written: list[LayerShape]):
-    """(gguf name, float32 array) pairs in llama.cpp's naming, q/k permuted for its RoPE layout."""
+def _norm_tensors(family: type[Family], block: str) -> list[tuple[str, str]]:
+    """(HF module suffix, gguf MODEL_TENSOR name) of the norms that belong to a block of a layer."""
+    if block == "attention":
+        roles = [(family.pre_attention_norm, "ATTN_NORM"), (family.post_attention_norm, "ATTN_POST_NORM")]
+        if family.qk_norm:
+            roles += [("self_attn.q_norm", "ATTN_Q_NORM"), ("self_attn.k_norm", "ATTN_K_NORM")]
+    else:
+        roles = [(family.pre_mlp_norm, "FFN_NORM"), (family.post_mlp_norm, "FFN_POST_NORM")]
+    return [(module, kind) for module, kind in roles if module]
+
+
+def _gguf_tensors(
+    config, tensors: dict[str, torch.Tensor], shapes: list[LayerShape], written: list[LayerShape], permute: bool
+):
+    """(gguf name, float32 array) pairs in llama.cpp's naming; q/k permuted where its RoPE is "normal"."""
     import gguf
 
     names, T = gguf.TENSOR_NAMES, gguf.MODEL_TENSOR
     hd, hidden = head_dim(config), config.hidden_size
+    family = family_of(config)
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in tensors:
@@ -336,6 +365,14 @@ def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerSh
     def optional(name: str, shape: tuple[int, ...]) -> np.ndarray | None:
         return get(name, shape) if name in tensors else None
 
+    def rope(array: np.ndarray) -> np.ndarray:
+        return permute_rope(array, hd) if permute else array
+
+    def norms(prefix: str, i: int, block: str):
+        for module, kind in _norm_tensors(family, block):
+            width = hd if module.endswith(("q_norm", "k_norm")) else hidden
+            yield names[T[kind]].format(bid=i) + ".weight", family.gguf_norm(get(f"{prefix}{module}.weight", (width,)))
+
     vocab = config.vocab_size
     yield names[T.TOKEN_EMBD] + ".weight", get("model.embed_tokens.weight", (vocab, hidden))
     for i, (shape, out) in enumerate(zip(shapes, written, strict=True)):
@@ -343,13 +380,14 @@ def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerSh
         q_width, kv_width = out.num_attention_heads * hd, out.num_key_value_heads * hd
         if out.num_attention_heads:
             if shape.num_attention_heads == 0:  # placeholder: zero attention adds nothing, whatever its norm
-                norm, q = np.ones(hidden, np.float32), np.zeros((hd, hidden), np.float32)
+                layer_norms = [(names[T.ATTN_NORM].format(bid=i) + ".weight", np.ones(hidden, np.float32))]
+                q = np.zeros((hd, hidden), np.float32)
                 k = v = q
                 o, biases = np.zeros((hidden, hd), np.float32), {}
             else:
-                norm = get(p + "input_layernorm.weight", (hidden,))
-                q = permute_rope(get(p + "self_attn.q_proj.weight", (q_width, hidden)), hd)
-                k = permute_rope(get(p + "self_attn.k_proj.weight", (kv_width, hidden)), hd)
+                layer_norms = list(norms(p, i, "attention"))
+                q = rope(get(p + "self_attn.q_proj.weight", (q_width, hidden)))
+                k = rope(get(p + "self_attn.k_proj.weight", (kv_width, hidden)))
                 v = get(p + "self_attn.v_proj.weight", (kv_width, hidden))
                 o = get(p + "self_attn.o_proj.weight", (hidden, q_width))
                 biases = {
@@ -360,8 +398,8 @@ def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerSh
                 }
                 for kind in (T.ATTN_Q, T.ATTN_K):
                     if biases[kind] is not None:
-                        biases[kind] = permute_rope(biases[kind], hd)
-            yield names[T.ATTN_NORM].format(bid=i) + ".weight", norm
+                        biases[kind] = rope(biases[kind])
+            yield from layer_norms
             yield names[T.ATTN_Q].format(bid=i) + ".weight", q
             yield names[T.ATTN_K].format(bid=i) + ".weight", k
             yield names[T.ATTN_V].format(bid=i) + ".weight", v
@@ -372,11 +410,12 @@ def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerSh
         ff = out.intermediate_size
         if ff:
             if shape.intermediate_size == 0:  # placeholder: zero MLP adds nothing, whatever its norm
-                norm, gate = np.ones(hidden, np.float32), np.zeros((ff, hidden), np.float32)
+                layer_norms = [(names[T.FFN_NORM].format(bid=i) + ".weight", np.ones(hidden, np.float32))]
+                gate = np.zeros((ff, hidden), np.float32)
                 up = gate
                 down, biases = np.zeros((hidden, ff), np.float32), {}
             else:
-                norm = get(p + "post_attention_layernorm.weight", (hidden,))
+                layer_norms = list(norms(p, i, "mlp"))
                 gate = get(p + "mlp.gate_proj.weight", (ff, hidden))
                 up = get(p + "mlp.up_proj.weight", (ff, hidden))
                 down = get(p + "mlp.down_proj.weight", (hidden, ff))
@@ -385,14 +424,14 @@ def _gguf_tensors(config, tensors: dict[str, torch.Tensor], shapes: list[LayerSh
                     T.FFN_UP: optional(p + "mlp.up_proj.bias", (ff,)),
                     T.FFN_DOWN: optional(p + "mlp.down_proj.bias", (hidden,)),
                 }
-            yield names[T.FFN_NORM].format(bid=i) + ".weight", norm
+            yield from layer_norms
             yield names[T.FFN_GATE].format(bid=i) + ".weight", gate
             yield names[T.FFN_UP].format(bid=i) + ".weight", up
             yield names[T.FFN_DOWN].format(bid=i) + ".weight", down
             for kind, bias in biases.items():
                 if bias is not None:
                     yield names[kind].format(bid=i) + ".bias", bias
-    yield names[T.OUTPUT_NORM] + ".weight", get("model.norm.weight", (hidden,))
+    yield names[T.OUTPUT_NORM] + ".weight", family.gguf_norm(get("model.norm.weight", (hidden,)))
     if not config.tie_word_embeddings:  # tied: llama.cpp reuses token_embd
         yield names[T.OUTPUT] + ".weight", get("lm_head.weight", (vocab, hidden))
 
@@ -408,11 +447,14 @@ def _write_float_gguf(
 ) -> dict[str, Any]:
     import gguf
 
+    family = family_of(config)
+    family.check_config(config)
     shapes = layer_shapes(config)
     _check_shapes(shapes)
-    uniform = len(set(shapes)) == 1 and min(shapes[0].as_dict().values()) > 0
-    arch = "llama" if uniform else "deci"
-    written, notes = _written_shapes(shapes) if arch == "deci" else (shapes, [])
+    arch = family.gguf_architecture(config, shapes)
+    per_layer = arch in PER_LAYER_ARCHS
+    written, notes = _written_shapes(shapes) if per_layer else (shapes, [])
+    permute = arch in NORMAL_ROPE_ARCHS
     hd = head_dim(config)
     if hd % 2:
         raise SaapError(f"head_dim {hd} is odd; RoPE needs an even head size")
@@ -424,7 +466,7 @@ def _write_float_gguf(
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(config.hidden_size)
-    if arch == "llama":
+    if not per_layer:
         writer.add_head_count(shapes[0].num_attention_heads)
         writer.add_head_count_kv(shapes[0].num_key_value_heads)
         writer.add_feed_forward_length(shapes[0].intermediate_size)
@@ -440,6 +482,7 @@ def _write_float_gguf(
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope_keys["factor"])
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    family.gguf_keys(writer, config)
     writer.add_vocab_size(config.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16}
     writer.add_file_type(file_type.get(quant, gguf.LlamaFileType.MOSTLY_F16))
@@ -458,7 +501,7 @@ def _write_float_gguf(
     if rope_freqs is not None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
         count += 1
-    for name, array in _gguf_tensors(config, tensors, shapes, written):
+    for name, array in _gguf_tensors(config, tensors, shapes, written, permute):
         data, raw_dtype = _cast(array, quant)
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
         count += 1
@@ -572,7 +615,8 @@ def write_gguf(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write a GGUF from a Llama config (with optional ``*_per_layer`` shapes, 0 allowed) and HF-named tensors.
+    """Write a GGUF from a config of a supported family (with optional ``*_per_layer`` shapes, 0 allowed)
+    and HF-named tensors.
 
     The file appears at ``out`` only when complete (temporary sibling, renamed at the end).
     """

@@ -518,3 +518,67 @@ def test_q4_1_export_keeps_the_codes_of_a_4_bit_group_lora_merge(tokenizer, tmp_
         assert (np.abs(file_values - ours) <= bound).all(), path
         checked += 1
     assert checked == 3 * 7
+
+
+# --- other families ---------------------------------------------------------------------------------
+# family -> its llama.cpp architecture. Each is exported dense (GQA, tied) and pruned to one shape in
+# every layer (MHA, untied: the same groups removed everywhere), which each family's own architecture runs,
+# except a Qwen2 with fewer query heads: llama.cpp's qwen2 sizes q as hidden x hidden, so it goes to llama.
+FAMILY_ARCHS = {"mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+NARROWED_ARCHS = FAMILY_ARCHS | {"qwen2": "llama"}
+# ggml computes GELU (Gemma's MLP) from an fp16 lookup table: measured 1.2e-3 to 2.6e-3 at every position,
+# the first one included, and with the sliding window longer than the prompt alike.
+GELU_TABLE = 5e-3
+FAMILY_CASES = {
+    "dense-gqa-tied": ((4, 2, True), {}, {}),
+    "uniform-mha-untied": ((4, 4, False), {i: [1] for i in range(6)}, {i: list(range(0, 128, 4)) for i in range(6)}),
+}
+
+
+def family_checkpoint(root, tokenizer, family: str, case: str):
+    (heads, kv_heads, tied), removed_kv, removed_channels = FAMILY_CASES[case]
+    model = make_model(heads=heads, kv_heads=kv_heads, tied=tied, family=family)
+    n = model.config.num_hidden_layers
+    removed_kv = {i: v for i, v in removed_kv.items() if i < n}
+    removed_channels = {i: v for i, v in removed_channels.items() if i < n}
+    if removed_kv or removed_channels:
+        model = slice_groups(model, removed_kv, removed_channels)
+    save_checkpoint(model, tokenizer, root / f"{family}-{case}", {"kind": "test"})
+    return root / f"{family}-{case}"
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+@pytest.mark.parametrize("family", list(FAMILY_ARCHS))
+def test_every_family_exports_to_its_own_architecture(tokenizer, tmp_path, family, case):
+    checkpoint = family_checkpoint(tmp_path, tokenizer, family, case)
+    report = export_gguf(checkpoint, tmp_path / "m.gguf", "f32", progress=False)
+    assert report["architecture"] == (FAMILY_ARCHS if case.startswith("dense") else NARROWED_ARCHS)[family]
+    assert report["placeholders"] == []
+    torch_engine = load_engine("torch", str(checkpoint), SETTINGS)
+    ids = prompt_ids(tokenizer)
+    exact = float(np.abs(f32_kv_logits(tmp_path / "m.gguf", ids) - torch_engine.prefill(ids)).max())
+    print(f"{family} {case}: f32 with F32 KV cache: max |logit diff| {exact:.2e}")
+    assert exact < (GELU_TABLE if family == "gemma3_text" else EXACT)
+    gguf_engine = load_engine("gguf", str(tmp_path / "m.gguf"), SETTINGS)
+    prompt = ids[:6]
+    assert gguf_engine.generate(prompt, 16, stop_at_eos=False) == torch_engine.generate(prompt, 16, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3_text"])
+def test_per_layer_shapes_of_a_family_without_a_per_layer_graph_stop_in_one_line(tokenizer, tmp_path, family):
+    model = slice_groups(make_model(heads=4, kv_heads=2, family=family), {0: [1]}, {1: list(range(32))})
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", {"kind": "test"})
+    with pytest.raises(SaapError, match="has no GGUF form; export it to ONNX") as error:
+        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f16", progress=False)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_per_layer_mistral_is_written_as_deci(tokenizer, tmp_path):
+    model = slice_groups(make_model(heads=4, kv_heads=2, family="mistral"), {0: [1]}, {1: list(range(32))})
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", {"kind": "test"})
+    report = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f32", progress=False)
+    assert report["architecture"] == "deci"
+    ids = prompt_ids(tokenizer)
+    reference = load_engine("torch", str(tmp_path / "ckpt"), SETTINGS).prefill(ids)
+    assert float(np.abs(f32_kv_logits(tmp_path / "m.gguf", ids) - reference).max()) < EXACT

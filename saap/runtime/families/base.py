@@ -36,12 +36,10 @@ class Family:
     qk_norm: ClassVar[bool] = False  # per-head RMSNorm of q and k before RoPE (self_attn.q_norm / k_norm)
     norm_offset: ClassVar[float] = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
 
-    # llama.cpp: the architecture for layers that all have one shape, the one that varies shapes per
-    # layer (None: none of llama.cpp's graphs fits this family), and whether its RoPE is llama.cpp's
-    # "normal" (interleaved pairs: HF's rotate-half rows are permuted) rather than "neox".
+    # llama.cpp: the architecture for layers that all have one shape, and the one that varies shapes
+    # per layer (None: none of llama.cpp's graphs fits this family).
     gguf_arch: ClassVar[str] = ""
     gguf_per_layer_arch: ClassVar[str | None] = None
-    gguf_rope_permute: ClassVar[bool] = False
     genai_type: ClassVar[str] = ""  # onnxruntime-genai's model type
 
     # --- where the modules are ------------------------------------------------------------------
@@ -87,20 +85,15 @@ class Family:
 
     @classmethod
     def check_config(cls, config) -> None:
-        """Refuse, in one line, a config using a feature the exporters do not write."""
-        if getattr(config, "rope_scaling", None) and (config.rope_scaling.get("rope_type") or "default") not in (
-            "default",
-            "linear",
-            "llama3",
-        ):
-            raise SaapError(f"{cls.display}: RoPE scaling {config.rope_scaling} is not supported")
+        """Refuse, in one line, a config using a feature saap's exporters do not write (each exporter
+        checks its own RoPE support)."""
 
     # --- llama.cpp ------------------------------------------------------------------------------
 
     @classmethod
-    def gguf_architecture(cls, uniform: bool) -> str:
-        """The GGUF architecture for this model; ``uniform`` = every layer has one non-zero shape."""
-        if uniform:
+    def gguf_architecture(cls, config, shapes: list) -> str:
+        """The GGUF architecture for a model of this family with these per-layer shapes."""
+        if len(set(shapes)) == 1 and min(shapes[0].as_dict().values()) > 0:  # one shape, no block removed
             return cls.gguf_arch
         if cls.gguf_per_layer_arch is None:
             raise SaapError(

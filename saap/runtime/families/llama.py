@@ -12,5 +12,4 @@ class Llama(Family):
     gguf_arch = "llama"
     # deci (DeciLM / Nemotron-NAS) is llama's graph with per-layer head counts and FFN widths.
     gguf_per_layer_arch = "deci"
-    gguf_rope_permute = True
     genai_type = "llama"

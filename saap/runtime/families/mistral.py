@@ -11,7 +11,6 @@ class Mistral(Family):
     display = "Mistral"
     gguf_arch = "llama"  # convert_hf_to_gguf.py's MistralModel is a LlamaModel
     gguf_per_layer_arch = "deci"
-    gguf_rope_permute = True
     genai_type = "mistral"
 
     @staticmethod

@@ -18,6 +18,14 @@ class Qwen2(Family):
     gguf_per_layer_arch = None
     genai_type = "qwen2"
 
+    @classmethod
+    def gguf_architecture(cls, config, shapes: list) -> str:
+        arch = super().gguf_architecture(config, shapes)
+        # llama.cpp's qwen2 sizes q as hidden x hidden; with fewer query heads (pruned to one shape)
+        # llama's graph, whose q/k/v/o biases are optional, is the same model.
+        hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return "llama" if arch == "qwen2" and shapes[0].num_attention_heads * hd != config.hidden_size else arch
+
     @staticmethod
     def sliding_window(config, layer: int) -> int | None:
         # Qwen2 windows only the layers from max_window_layers on, and only when use_sliding_window.
