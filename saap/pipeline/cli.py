@@ -65,7 +65,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     speed = f", predicted {budget['speedup_predicted']:.2f}x on {budget['engine']}" if "engine" in budget else ""
     print(
         f"pruned {args.model}: {record['params_before']:,} -> {record['params_after']:,} parameters "
-        f"({record['ratio_achieved']:.1%} removed, layers {first}-{last}{speed}) "
+        f"({record['ratio_achieved']:.1%} removed, {record['decoder_ratio_achieved']:.1%} of the decoder, "
+        f"layers {first}-{last}{speed}) "
         f"in {record['prune_seconds']:.0f}s -> {args.out}"
     )
 

@@ -235,6 +235,8 @@ def _size_section(data: dict, charts: dict[str, str]) -> list[str]:
         ["parameters", f"{source.get('params', 0):,}", f"{params_after:,}" if params_after else "–"],
         ["removed", "", f"{pruned.get('ratio_achieved', 0):.1%} ({pruned.get('method', '?')})"],
     ]
+    if "decoder_ratio_achieved" in pruned:  # the share that matters where the embedding dominates (Gemma 3)
+        summary.append(["removed of the decoder layers", "", f"{pruned['decoder_ratio_achieved']:.1%}"])
     if pruned.get("decode_bytes_after"):
         before, after = _mib(pruned["decode_bytes_before"]), _mib(pruned["decode_bytes_after"])
         summary.append(["weight bytes read per token (fp32)", before, after])

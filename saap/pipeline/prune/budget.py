@@ -17,7 +17,8 @@ def parameters_to_remove(config, shapes: list[LayerShape], total: int, settings)
     """The budget as a number of parameters to remove (``--ratio``, ``--target-params`` or
     ``--target-decode-bytes``); raises SaapError for one that is met already or out of reach."""
     if settings.ratio is not None:
-        return round(settings.ratio * total)
+        base = total if settings.ratio_of == "all" else sum(layer_parameter_count(config, s) for s in shapes)
+        return round(settings.ratio * base)
     if settings.target_params is not None:
         remove = total - settings.target_params
         what = f"--target-params {settings.target_params:,}"

@@ -177,11 +177,17 @@ def budget_record(budget: Budget, before: list[LayerShape], after: list[LayerSha
 def shape_record(config, before: list[LayerShape], total_before: int, total_after: int, remove: int) -> dict:
     """The budget and shapes part of saap.json, shared with the torch-pruning reference."""
     after = layer_shapes(config)
+    decoder_before, decoder_after = (
+        sum(layer_parameter_count(config, s) for s in shapes) for shapes in (before, after)
+    )
     return {
         "ratio_requested": remove / total_before if remove else None,  # None: a speed budget
-        "ratio_achieved": 1 - total_after / total_before,
+        "ratio_achieved": 1 - total_after / total_before,  # of all parameters, whatever --ratio-of said
+        "decoder_ratio_achieved": 1 - decoder_after / decoder_before,  # of the decoder layers' parameters
         "params_before": total_before,
         "params_after": total_after,
+        "decoder_params_before": decoder_before,
+        "decoder_params_after": decoder_after,
         "decode_bytes_before": decode_parameter_count(config, before) * DTYPE_BYTES,
         "decode_bytes_after": decode_parameter_count(config, after) * DTYPE_BYTES,
         "layers": [

@@ -41,6 +41,7 @@ class Family:
     gguf_arch: ClassVar[str] = ""
     gguf_per_layer_arch: ClassVar[str | None] = None
     genai_type: ClassVar[str] = ""  # onnxruntime-genai's model type
+    traced_onnx: ClassVar[bool] = False  # export/onnx.py's traced graph (optimum's Llama ONNX config) fits
 
     # --- where the modules are ------------------------------------------------------------------
 
@@ -87,6 +88,10 @@ class Family:
     def check_config(cls, config) -> None:
         """Refuse, in one line, a config using a feature saap's exporters do not write (each exporter
         checks its own RoPE support)."""
+
+    @classmethod
+    def fix_gguf_tokenizer(cls, tokenizer, path) -> None:
+        """Correct, in place, what transformers' GGUF loader gets wrong about this family's vocabulary."""
 
     # --- llama.cpp ------------------------------------------------------------------------------
 

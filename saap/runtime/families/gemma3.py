@@ -9,9 +9,15 @@
 * MLP: gelu(tanh)(gate) * up; the embedding lookup is multiplied by sqrt(hidden_size).
 """
 
+import json
+
 from saap.runtime.errors import SaapError
 from saap.runtime.families import register
 from saap.runtime.families.base import Family
+
+# gguf-py's token types (TokenType): NORMAL pieces take part in BPE merges, USER_DEFINED ones (runs of
+# spaces, tabs and newlines, markup) are matched whole before it, as SentencePiece does.
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 
 # llama.cpp's gemma3 graph hard-codes what it does not read from the file: every 6th layer global,
 # local RoPE base 10000, query scale 1/sqrt(head_dim).
@@ -70,3 +76,31 @@ class Gemma3(Family):
                 "(10000) and the query scale (1/sqrt(head_dim)); this model differs, so it has no GGUF form"
             )
         writer.add_sliding_window(int(config.sliding_window))
+
+    @classmethod
+    def fix_gguf_tokenizer(cls, tokenizer, path) -> None:
+        """transformers 4.57 reads Gemma's GGUF vocabulary as a Unigram over the file's scores, which
+        splits plain words ("three" -> "th", "ree") where Gemma's SentencePiece BPE (and llama.cpp on the
+        same file) keeps them whole. Rebuild it as SentencePiece BPE: merges ordered by the merged piece's
+        score (transformers' own ``generate_merges``, as its GemmaConverter does from a .model file), and
+        the user-defined pieces (whitespace runs) matched whole first."""
+        from gguf import GGUFReader
+        from tokenizers import AddedToken, Tokenizer
+        from transformers.convert_slow_tokenizer import generate_merges
+
+        reader = GGUFReader(path)
+        tokens, scores, types = (reader.fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
+        pieces, kinds = [str(p) for p in tokens.contents()], [int(k) for k in types.contents()]
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        normal = {p: float(s) for p, s, k in zip(pieces, scores.contents(), kinds, strict=True) if k == NORMAL}
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        state["model"] = {
+            "type": "BPE", "dropout": None, "unk_token": pieces[tokenizer.unk_token_id],
+            "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+            "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+            "merges": [list(pair) for pair in generate_merges(vocab, normal)],
+        }  # fmt: skip
+        state["pre_tokenizer"] = None  # the normaliser's "▁" for " " is all SentencePiece does before BPE
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+        whole = [p for p, kind in zip(pieces, kinds, strict=True) if kind == USER_DEFINED]
+        tokenizer.add_tokens([AddedToken(p, normalized=False, special=False) for p in whole])

@@ -13,3 +13,4 @@ class Llama(Family):
     # deci (DeciLM / Nemotron-NAS) is llama's graph with per-layer head counts and FFN widths.
     gguf_per_layer_arch = "deci"
     genai_type = "llama"
+    traced_onnx = True

@@ -4,7 +4,7 @@ import torch
 from saap.pipeline.prune import PruneSettings, llm_pruner_layer_range, prune, shrink_model, uniform_plan
 from saap.runtime.errors import SaapError
 from saap.runtime.models import LoadedModel
-from saap.runtime.surgery import head_dim, kept_indices, layer_shapes, model_parameter_count
+from saap.runtime.surgery import head_dim, kept_indices, layer_parameter_count, layer_shapes, model_parameter_count
 from tests.conftest import make_model
 
 
@@ -98,3 +98,16 @@ def test_calibration_text_is_the_presets_unless_given():
     assert PruneSettings().calibration == WEB_CALIBRATION  # saap
     assert PruneSettings(method="llm-pruner").calibration == BOOKS_CALIBRATION
     assert PruneSettings(method="saap", calibration="mine.txt").calibration == "mine.txt"
+
+
+def test_ratio_of_the_decoder_excludes_the_embedding(tokenizer, text_file):
+    model = wide_model(8, 4)
+    decoder = sum(layer_parameter_count(model.config, s) for s in layer_shapes(model.config))
+    loaded = LoadedModel(model, tokenizer, {"name": "tiny", "sha256": "0" * 64})
+    settings = PruneSettings(method="magnitude", ratio=0.3, ratio_of="decoder", align=8)
+    record = prune(loaded, settings, progress=False)
+    assert record["decoder_params_before"] == decoder
+    assert abs(record["decoder_ratio_achieved"] - 0.3) <= 0.01
+    removed = record["params_before"] - record["params_after"]
+    assert removed == decoder - record["decoder_params_after"]  # the embedding was not counted, nor touched
+    assert record["ratio_achieved"] == pytest.approx(removed / record["params_before"])
