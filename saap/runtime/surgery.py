@@ -220,9 +220,25 @@ def attention_group_index(shape: LayerShape, hd: int) -> tuple[torch.Tensor, tor
     return q_rows, kv_rows
 
 
-def attention_columns(shape: LayerShape, hd: int, groups: torch.Tensor) -> torch.Tensor:
-    """The o_proj input columns of KV groups ``groups``: their query heads' outputs."""
-    return attention_group_index(shape, hd)[0][groups].flatten()
+def attention_columns(
+    shape: LayerShape, hd: int, groups: torch.Tensor, queries: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The o_proj input columns (= q rows) of KV groups ``groups``: their query heads' outputs.
+
+    ``queries`` [len(groups), kept]: which query heads of each listed group stay (slots 0..G-1 inside
+    the group, Minitron's query-head narrowing); None keeps every query head of those groups."""
+    rows = attention_group_index(shape, hd)[0][groups]  # [groups, G * hd]
+    if queries is None:
+        return rows.flatten()
+    heads = rows.view(len(groups), shape.queries_per_kv_head, hd)
+    return torch.stack([heads[g, queries[g]] for g in range(len(groups))]).flatten()
+
+
+def kept_queries(scores: torch.Tensor, shape: LayerShape, groups: torch.Tensor, keep: int) -> torch.Tensor:
+    """[len(groups), keep]: each listed KV group's ``keep`` highest-scoring query heads (slots inside
+    the group, in order); ``scores`` has one entry per query head of the layer."""
+    per_group = scores.view(shape.num_key_value_heads, shape.queries_per_kv_head)[groups]
+    return per_group.topk(keep, dim=1).indices.sort(dim=1).values
 
 
 def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
@@ -252,14 +268,22 @@ def shrink_layer(
     hd: int,
     keep_kv_heads: torch.Tensor,
     keep_channels: torch.Tensor,
+    keep_queries: torch.Tensor | None = None,
 ) -> LayerShape:
     """Physically remove every attention group and MLP channel of ``layer`` not listed to keep.
 
-    Keeping nothing of a block replaces it with ``RemovedAttention`` / ``RemovedMLP``.
+    ``keep_queries`` [kept groups, kept per group] (slots inside each group, in the order of the sorted
+    ``keep_kv_heads``) also narrows each kept group to those query heads; every group keeps the same
+    number, so HF's ``repeat_kv`` still maps query head i to KV head i // G'. Keeping nothing of a
+    block replaces it with ``RemovedAttention`` / ``RemovedMLP``.
     """
-    keep_kv_heads, keep_channels = keep_kv_heads.sort().values, keep_channels.sort().values
+    order = keep_kv_heads.argsort()
+    keep_kv_heads, keep_channels = keep_kv_heads[order], keep_channels.sort().values
+    if keep_queries is not None:
+        keep_queries = keep_queries[order]
+    per_group = shape.queries_per_kv_head if keep_queries is None else keep_queries.shape[1]
     new_shape = LayerShape(
-        num_attention_heads=len(keep_kv_heads) * shape.queries_per_kv_head,
+        num_attention_heads=len(keep_kv_heads) * per_group,
         num_key_value_heads=len(keep_kv_heads),
         intermediate_size=len(keep_channels),
     )
@@ -267,8 +291,8 @@ def shrink_layer(
         layer.self_attn = RemovedAttention.replacing(layer.self_attn)
     elif has_attention(layer):
         attention = layer.self_attn
-        q_rows, kv_rows = attention_group_index(shape, hd)
-        q_keep, kv_keep = q_rows[keep_kv_heads].flatten(), kv_rows[keep_kv_heads].flatten()
+        q_keep = attention_columns(shape, hd, keep_kv_heads, keep_queries)
+        kv_keep = attention_group_index(shape, hd)[1][keep_kv_heads].flatten()
         attention.q_proj = _slice_linear(attention.q_proj, q_keep, 0)
         attention.k_proj = _slice_linear(attention.k_proj, kv_keep, 0)
         attention.v_proj = _slice_linear(attention.v_proj, kv_keep, 0)

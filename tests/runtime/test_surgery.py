@@ -5,6 +5,7 @@ import torch
 
 from saap.runtime.surgery import (
     LayerShape,
+    attention_columns,
     attention_group_index,
     config_parameter_count,
     group_sums,
@@ -140,3 +141,32 @@ def test_a_whole_block_can_be_removed(tiny_model, tokenizer, tmp_path, block):
         out = reloaded.generate(ids, max_new_tokens=4, do_sample=False)
         expected = masked.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_narrowing_query_heads_inside_kv_groups_equals_masking_them(family):
+    """Minitron-style head pruning: every kept KV group keeps the same number of its own query heads."""
+    model = make_model(heads=6, kv_heads=2, tied=False, family=family)
+    hd = head_dim(model.config)
+    keep_kv = {0: torch.tensor([0, 1]), 1: torch.tensor([1])}  # layer 1 also loses KV group 0
+    keep_queries = {0: torch.tensor([[0, 2], [1, 2]]), 1: torch.tensor([[0]])}  # slots inside each group
+    masked, sliced = copy.deepcopy(model), copy.deepcopy(model)
+    shapes = layer_shapes(model.config)
+    with torch.no_grad():
+        for i, groups in keep_kv.items():
+            columns = set(attention_columns(shapes[i], hd, groups, keep_queries[i]).tolist())
+            dropped = [c for c in range(shapes[i].num_attention_heads * hd) if c not in columns]
+            masked.model.layers[i].self_attn.o_proj.weight[:, dropped] = 0
+    new = [
+        shrink_layer(layer, shapes[i], hd, keep_kv[i], torch.arange(128), keep_queries[i])
+        if i in keep_kv
+        else shapes[i]
+        for i, layer in enumerate(sliced.model.layers)
+    ]
+    set_layer_shapes(sliced.config, new)
+    assert new[0] == LayerShape(4, 2, 128) and new[1] == LayerShape(1, 1, 128)
+    assert sliced.model.layers[0].self_attn.num_key_value_groups == 2
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (masked(ids).logits - sliced(ids).logits).abs().max().item() <= 1e-5
+    assert config_parameter_count(sliced.config) == model_parameter_count(sliced)

@@ -99,9 +99,9 @@ def kept_columns(ctx: PruneContext, scored: Scored, plan: list[LayerShape]) -> d
     loses some groups but not all (``pruner.shrink_model`` keeps the same ones)."""
     hd, kept = head_dim(ctx.config), {}
     for i, (layer, shape, target) in enumerate(zip(decoder_layers(ctx.model), ctx.shapes, plan, strict=True)):
-        if has_attention(layer) and 0 < target.num_key_value_heads < shape.num_key_value_heads:
-            groups = kept_indices(scored.scores.attention[i], target.num_key_value_heads)
-            kept[(i, "attention")] = attention_columns(shape, hd, groups)
+        if has_attention(layer) and 0 < target.num_attention_heads < shape.num_attention_heads:
+            groups, queries = scored.scores.attention_keep(i, shape, target)
+            kept[(i, "attention")] = attention_columns(shape, hd, groups, queries)
         if has_mlp(layer) and 0 < target.intermediate_size < shape.intermediate_size:
             kept[(i, "mlp")] = kept_indices(scored.scores.mlp[i], target.intermediate_size)
     return kept

@@ -18,13 +18,36 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from saap.runtime.surgery import LayerShape, decoder_layers, group_sums, head_dim, layer_shapes, prunable_linears
+from saap.runtime.errors import SaapError
+from saap.runtime.surgery import (
+    LayerShape,
+    decoder_layers,
+    group_sums,
+    head_dim,
+    kept_indices,
+    kept_queries,
+    layer_shapes,
+    prunable_linears,
+)
 
 
 @dataclass
 class GroupScores:
     attention: list[torch.Tensor]  # per layer, one score per KV group
     mlp: list[torch.Tensor]  # per layer, one score per intermediate channel
+    # per layer, one score per query head: set by the measured search when it narrows query heads
+    queries: list[torch.Tensor] | None = None
+
+    def attention_keep(self, i: int, shape: LayerShape, target: LayerShape) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer i's KV groups that slicing to ``target`` keeps, and (when ``target`` has fewer query
+        heads per group) each kept group's query heads; every stage that slices or masks asks here."""
+        groups = kept_indices(self.attention[i], target.num_key_value_heads)
+        per_group = target.queries_per_kv_head
+        if not target.num_key_value_heads or per_group >= shape.queries_per_kv_head:
+            return groups, None
+        if self.queries is None:
+            raise SaapError(f"layer {i}: narrowing query heads needs query-head scores (--narrow-queries)")
+        return groups, kept_queries(self.queries[i], shape, groups, per_group)
 
 
 class ImportanceEstimator:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from saap.pipeline.prune.context import PruneContext, Scored
 from saap.pipeline.prune.estimators import GroupScores
 from saap.pipeline.prune.measured import MOVES, Keep, Probe, aligned_widths
-from saap.pipeline.prune.units import kept_kv_counts
+from saap.pipeline.prune.units import attention_sizes
 from saap.runtime.surgery import LayerShape
 
 OFFSPRING = 8  # children per generation (EvoPress's lambda)
@@ -44,22 +44,23 @@ MAX_DRAWS = 50  # redraws of a child over the budget before the generation goes 
 class Space:
     """Each layer's grid of keeps (ascending KV counts and widths) and what a plan saves."""
 
-    kv: list[list[int]]
+    attention: list[list[tuple[int, int]]]
     widths: list[list[int]]
     ctx: PruneContext
 
     @classmethod
     def of(cls, ctx: PruneContext) -> Space:
         moves = MOVES[ctx.settings.search_moves]  # the same candidates as the knapsack's
-        kv = [moves(kept_kv_counts(ctx.config, s, i, ctx.align)) for i, s in enumerate(ctx.shapes)]
-        return cls(kv, [moves(aligned_widths(s.intermediate_size, ctx.align)) for s in ctx.shapes], ctx)
+        narrow = ctx.settings.narrow_queries
+        sizes = [moves(attention_sizes(ctx.config, s, i, ctx.align, narrow)) for i, s in enumerate(ctx.shapes)]
+        return cls(sizes, [moves(aligned_widths(s.intermediate_size, ctx.align)) for s in ctx.shapes], ctx)
 
     def steps(self, i: int, keep: Keep, direction: int) -> list[Keep]:
         """The keeps one step from ``keep`` in layer i: ``direction`` +1 keeps more, -1 keeps less."""
         out = []
         for values, current, make in (
-            (self.kv[i], keep.kv, lambda v: Keep(v, keep.width)),
-            (self.widths[i], keep.width, lambda v: Keep(keep.kv, v)),
+            (self.attention[i], keep.attention, lambda v: Keep(v[0], keep.width, v[1])),
+            (self.widths[i], keep.width, lambda v: Keep(keep.kv, v, keep.queries)),
         ):
             j = values.index(current) + direction
             if 0 <= j < len(values):
@@ -141,7 +142,7 @@ def refine(ctx: PruneContext, scored: Scored, shapes: list[LayerShape]) -> tuple
     n, started = ctx.settings.search_samples, time.perf_counter()
     sequences = torch.cat(ctx.batches)
     fitness, held_out = sequences[: 2 * n], sequences[2 * n : 3 * n]
-    start = [Keep.of(s) for s in shapes]
+    start = [Keep.of(s, original) for s, original in zip(shapes, ctx.shapes, strict=True)]
     bar = tqdm(total=ctx.settings.search_generations, desc="plan evolution", unit="gen", disable=not ctx.progress)
     probe = Probe(ctx.model, fitness, scored.scores, ctx.shapes)
     try:

@@ -6,7 +6,9 @@ Cross-layer exchange rates from first-order scores fail (SAAP's ``adaptive`` sea
 1. **Candidates.** Per layer: attention kept at every aligned KV-group count (0 = no attention), the
    MLP kept at every aligned width (0 = no MLP), and both at 0 (the layer removed). Inside a module
    the groups that go are the importance's lowest (SAAP's fused ranking by default), the same ones
-   slicing removes.
+   slicing removes. With ``--narrow-queries`` attention may also keep fewer query heads in every
+   kept KV group (Minitron's head pruning); which ones go is measured too: each query head's cost is
+   the KL its removal alone adds, from its layer's dense input.
 2. **Costs, measured.** On ``search_samples`` calibration sequences, the cost of a candidate is the
    increase of KL(dense || pruned) of the next-token distributions when that layer takes it: the
    removed groups are masked (their o_proj / down_proj input columns multiply zeros, which is
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 
 from saap.pipeline.prune.context import PruneContext, Scored
 from saap.pipeline.prune.estimators import GroupScores
-from saap.pipeline.prune.units import kept_kv_counts
+from saap.pipeline.prune.units import attention_sizes
 from saap.runtime.errors import SaapError
 from saap.runtime.families import family_of
 from saap.runtime.surgery import (
@@ -59,34 +61,47 @@ DP_STEPS = 4000  # budget resolution of the knapsack: 0.025 % of the budget
 SUPPORT_TOP = 32  # the KL's vocabulary: the union of every position's dense top 32
 
 
-def _depth(values: list[int]) -> list[int]:
+def _kept(value) -> int:
+    """What a size keeps: an MLP width, or the KV groups of an attention size ``(groups, queries)``."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _depth(values: list) -> list:
     """Whole blocks only: a module kept whole (the last value) or removed (0)."""
-    return [v for v in values if v in (0, values[-1])]
+    return [v for v in values if not _kept(v) or v == values[-1]]
 
 
-def _width(values: list[int]) -> list[int]:
+def _width(values: list) -> list:
     """Narrowing only: no module removed (one with nothing left already stays at 0)."""
-    return [v for v in values if v > 0] or values
+    return [v for v in values if _kept(v) > 0] or values
 
 
 # --search-moves: which of a module's kept sizes (ascending, the current one last) a plan may take.
-MOVES: dict[str, Callable[[list[int]], list[int]]] = {"depth+width": list, "depth": _depth, "width": _width}
+MOVES: dict[str, Callable[[list], list]] = {"depth+width": list, "depth": _depth, "width": _width}
 
 
 @dataclass(frozen=True)
 class Keep:
-    """What one layer keeps: KV groups and MLP channels (its queries follow its KV groups)."""
+    """What one layer keeps: KV groups, query heads per kept group, and MLP channels."""
 
     kv: int
     width: int
+    queries: int
 
     @classmethod
-    def of(cls, shape: LayerShape) -> Keep:
-        return cls(shape.num_key_value_heads, shape.intermediate_size)
+    def of(cls, shape: LayerShape, original: LayerShape | None = None) -> Keep:
+        """What ``shape`` keeps of ``original`` (default: itself). A removed attention is written
+        ``(0, G)`` with G the original's queries per group, the one form the candidates use."""
+        queries = shape.queries_per_kv_head or (original or shape).queries_per_kv_head
+        return cls(shape.num_key_value_heads, shape.intermediate_size, queries)
+
+    @property
+    def attention(self) -> tuple[int, int]:
+        return self.kv, self.queries
 
     def shape(self, original: LayerShape) -> LayerShape:
-        """The layer shape this keep leaves of ``original`` (its queries per KV group unchanged)."""
-        return LayerShape(self.kv * original.queries_per_kv_head, self.kv, self.width)
+        """The layer shape this keep leaves of ``original``."""
+        return LayerShape(self.kv * self.queries, self.kv, self.width)
 
 
 class Probe:
@@ -124,23 +139,24 @@ class Probe:
             keep = self.plan.get(i)
             if keep is None:
                 return None
-            mask = self._mask(i, module, keep.kv if module == "attention" else keep.width)
+            mask = self._mask(i, module, keep.attention if module == "attention" else keep.width)
             return None if mask is None else (args[0] * mask,)
 
         return hook
 
-    def _mask(self, i: int, module: str, kept: int) -> torch.Tensor | None:
+    def _mask(self, i: int, module: str, kept: int | tuple[int, int]) -> torch.Tensor | None:
         shape = self.shapes[i]
-        full = shape.num_key_value_heads if module == "attention" else shape.intermediate_size
-        if kept >= full:
+        whole = (shape.num_key_value_heads, shape.queries_per_kv_head) if module == "attention" else None
+        if kept == whole or (module == "mlp" and kept >= shape.intermediate_size):
             return None
         key = (i, module, kept)
         if key not in self._masks:
-            scores = self.scores.attention[i] if module == "attention" else self.scores.mlp[i]
-            keep = kept_indices(scores, kept)  # the groups slicing keeps
             if module == "attention":  # an attention group is its query heads' o_proj columns
-                keep = attention_columns(shape, self.hd, keep)
+                groups, queries = self.scores.attention_keep(i, shape, LayerShape(kept[0] * kept[1], kept[0], 0))
+                keep = attention_columns(shape, self.hd, groups, queries)  # the columns slicing keeps
                 full = shape.num_attention_heads * self.hd
+            else:
+                keep, full = kept_indices(self.scores.mlp[i], kept), shape.intermediate_size
             mask = torch.zeros(full)
             mask[keep] = 1.0
             self._masks[key] = mask.to(self.model.lm_head.weight.dtype)
@@ -231,7 +247,7 @@ class Probe:
 class LayerCosts:
     """Measured KL increase of one layer's candidates (0 for the whole module)."""
 
-    attention: dict[int, float]  # kept KV groups -> cost, with the MLP whole
+    attention: dict[tuple[int, int], float]  # kept (KV groups, queries per group) -> cost, with the MLP whole
     mlp: dict[int, float]  # kept width (the measured levels) -> cost, with attention whole
     layer: float | None  # both blocks removed, measured as such (None: not a candidate)
 
@@ -239,7 +255,7 @@ class LayerCosts:
         if keep.kv == 0 and keep.width == 0 and self.layer is not None:
             return self.layer
         widths = sorted(self.mlp)
-        return self.attention[keep.kv] + float(np.interp(keep.width, widths, [self.mlp[w] for w in widths]))
+        return self.attention[keep.attention] + float(np.interp(keep.width, widths, [self.mlp[w] for w in widths]))
 
 
 def width_levels(width: int, levels: int, align: int) -> list[int]:
@@ -271,11 +287,12 @@ def layer_costs(
         bar.update()
         return probe.kl_from(i, hidden) - base
 
-    kv, width = shape.num_key_value_heads, shape.intermediate_size
-    attention = {k: cost(Keep(k, width)) for k in kept_kv_counts(ctx.config, shape, i, ctx.align) if k < kv}
-    mlp = {w: cost(Keep(kv, w)) for w in width_levels(width, ctx.settings.width_levels, ctx.align) if w < width}
-    layer = cost(Keep(0, 0)) if 0 in attention and 0 in mlp else None
-    return LayerCosts(attention | {kv: 0.0}, mlp | {width: 0.0}, layer)
+    kv, width, q = shape.num_key_value_heads, shape.intermediate_size, shape.queries_per_kv_head
+    sizes = attention_sizes(ctx.config, shape, i, ctx.align, ctx.settings.narrow_queries)
+    attention = {(k, g): cost(Keep(k, width, g)) for k, g in sizes if (k, g) != (kv, q)}
+    mlp = {w: cost(Keep(kv, w, q)) for w in width_levels(width, ctx.settings.width_levels, ctx.align) if w < width}
+    layer = cost(Keep(0, 0, q)) if (0, q) in attention and 0 in mlp else None
+    return LayerCosts(attention | {(kv, q): 0.0}, mlp | {width: 0.0}, layer)
 
 
 def choose(options: list[list[tuple[float, float]]], need: float, steps: int = DP_STEPS) -> list[int] | None:
@@ -312,7 +329,8 @@ def solve(costs: list[LayerCosts], ctx: PruneContext) -> dict[int, Keep]:
     candidates, options, moves = [], [], MOVES[ctx.settings.search_moves]
     for i, (shape, layer_costs) in enumerate(zip(ctx.shapes, costs, strict=True)):
         widths = moves(aligned_widths(shape.intermediate_size, ctx.align))
-        keeps = [Keep(k, w) for k in moves(sorted(layer_costs.attention)) for w in widths]
+        sizes = attention_sizes(ctx.config, shape, i, ctx.align, ctx.settings.narrow_queries)
+        keeps = [Keep(k, w, g) for k, g in moves(sizes) for w in widths]
         candidates.append(keeps)
         options.append([(layer_costs.cost(k), ctx.budget.saved(i, shape, k.shape(shape))) for k in keeps])
     chosen = choose(options, ctx.budget.remove)
@@ -322,13 +340,32 @@ def solve(costs: list[LayerCosts], ctx: PruneContext) -> dict[int, Keep]:
     return {i: keeps[j] for i, (keeps, j) in enumerate(zip(candidates, chosen, strict=True)) if keeps[j] != whole[i]}
 
 
+def query_scores(probe: Probe, ctx: PruneContext) -> list[torch.Tensor]:
+    """Each query head's score (higher = keep): minus the KL that removing it alone adds, measured from
+    its layer's dense input. Which heads a group keeps is then the same for every plan and for slicing."""
+    probe.plan, hd, scores = {}, probe.hd, []
+    for i, shape in enumerate(ctx.shapes):
+        costs = []
+        o_proj = block_output(probe.layers[i], "attention") if has_attention(probe.layers[i]) else None
+        for h in range(shape.num_attention_heads if o_proj is not None else 0):
+            mask = torch.ones(o_proj.in_features, dtype=o_proj.weight.dtype)
+            mask[h * hd : (h + 1) * hd] = 0
+            handle = o_proj.register_forward_pre_hook(lambda _, args, mask=mask: (args[0] * mask,))
+            try:
+                costs.append(probe.kl_from(i, probe.dense_inputs[i]))
+            finally:
+                handle.remove()
+        scores.append(-torch.tensor(costs, dtype=torch.float32))
+    return scores
+
+
 def measured_plan(ctx: PruneContext, scored: Scored) -> tuple[list[LayerShape], dict]:
     """Search ``search_passes`` times (measure, solve, score the plan); keep the lowest-KL plan."""
     settings, started = ctx.settings, time.perf_counter()
     tokens = torch.cat(ctx.batches)[: settings.search_samples]
     probe = Probe(ctx.model, tokens, scored.scores, ctx.shapes)
     per_pass = sum(
-        len(kept_kv_counts(ctx.config, s, i, ctx.align))
+        len(attention_sizes(ctx.config, s, i, ctx.align, settings.narrow_queries))
         + len(width_levels(s.intermediate_size, settings.width_levels, ctx.align))
         + 1
         for i, s in enumerate(ctx.shapes)
@@ -337,6 +374,8 @@ def measured_plan(ctx: PruneContext, scored: Scored) -> tuple[list[LayerShape], 
     plan: dict[int, Keep] = {}
     passes, best = [], None
     try:
+        if settings.narrow_queries:
+            scored.scores.queries = query_scores(probe, ctx)
         for _ in range(settings.search_passes):
             plan = solve(measure(probe, plan, ctx, bar), ctx)
             kl = probe.inputs_under(plan)[1]

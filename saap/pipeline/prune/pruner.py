@@ -94,9 +94,9 @@ def shrink_model(model: nn.Module, scores: GroupScores, plan: list[LayerShape]) 
         if target == shape:
             new_shapes.append(shape)
             continue
-        keep_kv = kept_indices(scores.attention[i], target.num_key_value_heads)
+        keep_kv, keep_queries = scores.attention_keep(i, shape, target)
         keep_channels = kept_indices(scores.mlp[i], target.intermediate_size)
-        new_shapes.append(shrink_layer(layer, shape, hd, keep_kv, keep_channels))
+        new_shapes.append(shrink_layer(layer, shape, hd, keep_kv, keep_channels, keep_queries))
     set_layer_shapes(model.config, new_shapes)
 
 

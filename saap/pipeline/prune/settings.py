@@ -62,6 +62,9 @@ class PruneSettings:
         "measured allocation: what a layer may take (depth: whole blocks only; width: narrowing only)",
         choices=list(MOVES),
     )
+    narrow_queries: bool = option(
+        False, "measured allocation: also narrow query heads inside each KV group (models with few KV heads)"
+    )
     # On the dev text the evolved 50 % plan has 22 % lower perplexity (409 -> 317); at 20 % the held-out
     # guard kept the knapsack's plan (benchmarks/results/saap-calibration-*.md).
     search_generations: int = option(24, "measured allocation: generations evolving the whole plan on its KL (0: off)")
@@ -108,6 +111,8 @@ class PruneSettings:
             raise SaapError("--num-samples, --seq-len and --batch-size must be positive")
         if self.search_moves not in MOVES:
             raise SaapError(f"--search-moves is one of {', '.join(MOVES)}, got '{self.search_moves}'")
+        if self.narrow_queries and self.allocation != "measured":
+            raise SaapError(f"--narrow-queries needs --allocation measured (the saap method), got '{self.allocation}'")
         if self.search_generations < 0:
             raise SaapError(f"--search-generations must be 0 or more, got {self.search_generations}")
         if min(self.search_samples, self.search_passes, self.width_levels, self.compensation_samples) < 1:

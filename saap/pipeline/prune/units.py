@@ -26,6 +26,18 @@ def kept_kv_counts(config, shape: LayerShape, layer: int, align: int) -> list[in
     return [k for k in counts if k > 0 or layer > 0]
 
 
+def attention_sizes(config, shape: LayerShape, layer: int, align: int, narrow_queries: bool) -> list[tuple[int, int]]:
+    """``(KV groups, query heads per group)`` a layer may keep, by ascending query heads (the current
+    size last; removal is ``(0, G)``). ``narrow_queries``: also fewer query heads in each kept group,
+    ModelOpt Minitron's head pruning, the only narrowing left to a layer with one KV head (Gemma 3 270M)."""
+    q, hd = shape.queries_per_kv_head, head_dim(config)
+    counts = kept_kv_counts(config, shape, layer, align)
+    per_group = range(1, q + 1) if narrow_queries else [q]
+    sizes = {(k, g) for k in counts if k for g in per_group if (k * g * hd) % align == 0}
+    sizes |= {(0, q)} if 0 in counts else set()
+    return sorted(sizes, key=lambda size: (size[0] * size[1], size[0]))
+
+
 def next_unit(config, original: LayerShape, shape: LayerShape, module: str, layer: int, align: int):
     """``(groups removed, new shape)`` of the module's next aligned step, or None when it cannot shrink."""
     if module == "attention":

@@ -10,7 +10,7 @@ from saap.pipeline.prune.evolve import SLACK, Space, evolve, mutate
 from saap.pipeline.prune.measured import Keep, Probe
 from saap.runtime.errors import SaapError
 from saap.runtime.models import LoadedModel
-from saap.runtime.surgery import LayerShape, layer_parameter_count, layer_shapes, model_parameter_count
+from saap.runtime.surgery import layer_parameter_count, layer_shapes, model_parameter_count
 from tests.conftest import make_model
 from tests.pipeline.prune.test_measured import random_scores, tokens
 
@@ -24,8 +24,7 @@ def context(model, remove, generations=0, seed=0):
 
 def removal(model, keeps):
     shapes = layer_shapes(model.config)
-    q = shapes[0].queries_per_kv_head
-    after = [LayerShape(k.kv * q, k.kv, k.width) for k in keeps]
+    after = [k.shape(s) for k, s in zip(keeps, shapes, strict=True)]
     return sum(layer_parameter_count(model.config, s) for s in shapes) - sum(
         layer_parameter_count(model.config, s) for s in after
     )
@@ -34,7 +33,8 @@ def removal(model, keeps):
 @pytest.mark.parametrize("heads,kv_heads,tied", [(4, 4, True), (4, 2, False)])
 def test_every_child_meets_the_budget_without_overshooting_it(heads, kv_heads, tied):
     model = make_model(heads=heads, kv_heads=kv_heads, layers=4, intermediate=64, tied=tied)
-    parent = [Keep(kv_heads, 64), Keep(kv_heads // 2, 32), Keep(0, 0), Keep(kv_heads, 16)]
+    q = heads // kv_heads
+    parent = [Keep(kv_heads, 64, q), Keep(kv_heads // 2, 32, q), Keep(0, 0, q), Keep(kv_heads, 16, q)]
     ctx = context(model, removal(model, parent))
     space, rng = Space.of(ctx), random.Random(0)
     limit = ctx.budget.remove * (1 + SLACK) + layer_parameter_count(model.config, ctx.shapes[0]) // 8
@@ -43,7 +43,7 @@ def test_every_child_meets_the_budget_without_overshooting_it(heads, kv_heads, t
     for child in children:
         assert child != parent
         assert ctx.budget.remove <= removal(model, child) <= limit
-        assert all(k.kv in space.kv[i] and k.width in space.widths[i] for i, k in enumerate(child))
+        assert all(k.attention in space.attention[i] and k.width in space.widths[i] for i, k in enumerate(child))
     assert len({tuple(c) for c in children}) > 5  # the draws explore, not one move
 
 
@@ -51,8 +51,8 @@ def test_evolution_moves_the_removal_to_the_layer_that_does_nothing():
     model = make_model(heads=4, kv_heads=2, layers=4, intermediate=64).eval()
     with torch.no_grad():  # layer 2's MLP writes (almost) nothing into the residual stream
         model.model.layers[2].mlp.down_proj.weight.mul_(1e-4)
-    whole = [Keep(2, 64)] * 4
-    start = [Keep(2, 64), Keep(2, 32), Keep(2, 32), Keep(2, 64)]  # half of layer 1's MLP and of layer 2's
+    whole = [Keep(2, 64, 2)] * 4
+    start = [Keep(2, 64, 2), Keep(2, 32, 2), Keep(2, 32, 2), Keep(2, 64, 2)]  # half of layer 1's MLP and of layer 2's
     ctx = context(model, removal(model, start), generations=30)
     probe = Probe(model, tokens(4), random_scores(ctx.shapes), ctx.shapes)
 
@@ -65,7 +65,7 @@ def test_evolution_moves_the_removal_to_the_layer_that_does_nothing():
     finally:
         probe.close()
     assert record["kl_end"] < record["kl_start"] and record["improved"] >= 1
-    assert evolved == [whole[0], whole[1], Keep(2, 0), whole[3]]  # the knapsack's additive costs missed it
+    assert evolved == [whole[0], whole[1], Keep(2, 0, 2), whole[3]]  # the knapsack's additive costs missed it
     assert record["kl_end"] == pytest.approx(0, abs=1e-6)
 
 
@@ -94,7 +94,7 @@ def test_screening_on_the_first_sequences_measures_their_kl_alone():
     shapes = layer_shapes(model.config)
     probe = Probe(model, tokens(4), random_scores(shapes), shapes)
     try:
-        inputs, _ = probe.inputs_under({1: Keep(1, 32)})
+        inputs, _ = probe.inputs_under({1: Keep(1, 32, 2)})
         first_rows = probe.kl_from(1, inputs[1][:2])
         with torch.no_grad():
             in_full_run = probe.kl(probe._run(1, inputs[1])[:2])
@@ -106,8 +106,8 @@ def test_screening_on_the_first_sequences_measures_their_kl_alone():
 
 def test_with_depth_moves_the_evolution_steps_whole_blocks():
     model = make_model(heads=4, kv_heads=2, layers=3, intermediate=64)
-    ctx = context(model, removal(model, [Keep(2, 64), Keep(0, 64), Keep(2, 0)]))
+    ctx = context(model, removal(model, [Keep(2, 64, 2), Keep(0, 64, 2), Keep(2, 0, 2)]))
     ctx.settings.search_moves = "depth"
     space = Space.of(ctx)
-    assert space.kv == [[2], [0, 2], [0, 2]] and space.widths == [[0, 64]] * 3
-    assert space.steps(1, Keep(2, 64), -1) == [Keep(0, 64), Keep(2, 0)]
+    assert space.attention == [[(2, 2)], [(0, 2), (2, 2)], [(0, 2), (2, 2)]] and space.widths == [[0, 64]] * 3
+    assert space.steps(1, Keep(2, 64, 2), -1) == [Keep(0, 64, 2), Keep(2, 0, 2)]

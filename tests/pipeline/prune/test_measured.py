@@ -51,11 +51,11 @@ def test_masking_a_plan_measures_the_same_kl_as_slicing_it(heads, kv_heads, tied
     shapes, batch = layer_shapes(model.config), tokens()
     scores = random_scores(shapes)
     probe = Probe(model, batch, scores, shapes)
-    plan = {1: Keep(kv_heads // 2, 32), 2: Keep(0, 16)}
+    q = heads // kv_heads
+    plan = {1: Keep(kv_heads // 2, 32, q), 2: Keep(0, 16, q)}
     _, masked_kl = probe.inputs_under(plan)
     probe.close()
-    q = shapes[0].queries_per_kv_head
-    targets = [LayerShape(k.kv * q, k.kv, k.width) if (k := plan.get(i)) else s for i, s in enumerate(shapes)]
+    targets = [k.shape(s) if (k := plan.get(i)) else s for i, s in enumerate(shapes)]
     dense_logp = torch.log_softmax(model(batch).logits[..., probe.support], -1)
     shrink_model(model, scores, targets)
     with torch.no_grad():
@@ -114,3 +114,30 @@ def test_search_moves_restrict_the_plan_to_whole_blocks_or_to_narrowing(tokenize
 def test_an_unknown_search_move_is_refused():
     with pytest.raises(SaapError, match="--search-moves is one of depth\\+width, depth, width"):
         PruneSettings(search_moves="layers")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_narrow_queries_prunes_query_heads_of_a_single_kv_group(tokenizer, text_file, tmp_path, family):
+    """One KV head per layer (Gemma 3 270M's case): without --narrow-queries attention can only go whole."""
+    from saap.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    # A small MLP and narrowing moves only: 20 % is out of reach without fewer query heads.
+    model = make_model(heads=4, kv_heads=1, intermediate=16, family=family)
+    settings = PruneSettings(ratio=0.2, align=8, calibration=str(text_file), num_samples=4, seq_len=16,
+                             search_samples=2, narrow_queries=True, search_moves="width",
+                             search_generations=4)  # fmt: skip
+    record = prune(LoadedModel(model, tokenizer, {"name": "tiny"}), settings, progress=False)
+    shapes = layer_shapes(model.config)
+    assert record["ratio_achieved"] >= 0.2
+    assert any(0 < s.num_attention_heads < 4 for s in shapes), shapes  # narrowed, not only removed
+    assert all(s.num_key_value_heads in (0, 1) for s in shapes)
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", record)
+    reloaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+    ids = tokens(1)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_narrow_queries_needs_the_measured_allocation():
+    with pytest.raises(SaapError, match="--narrow-queries needs --allocation measured"):
+        PruneSettings(method="flap", narrow_queries=True)

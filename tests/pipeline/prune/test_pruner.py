@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from saap.pipeline.prune import PruneSettings, llm_pruner_layer_range, prune, shrink_model, uniform_plan
+from saap.pipeline.prune.estimators import GroupScores
 from saap.runtime.errors import SaapError
 from saap.runtime.models import LoadedModel
 from saap.runtime.surgery import head_dim, kept_indices, layer_parameter_count, layer_shapes, model_parameter_count
@@ -41,7 +42,7 @@ def test_shrink_keeps_the_highest_scoring_groups():
     assert kept_indices(torch.tensor([0.5, 0.1, 0.9, 0.3]), 2).tolist() == [0, 2]
     model = make_model(heads=4, kv_heads=4, layers=1)
     up = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    scores = type("S", (), {"attention": [torch.tensor([4.0, 3, 2, 1])], "mlp": [torch.arange(128.0)]})
+    scores = GroupScores([torch.tensor([4.0, 3, 2, 1])], [torch.arange(128.0)])
     plan = [layer_shapes(model.config)[0].__class__(2, 2, 32)]
     shrink_model(model, scores, plan)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, up[96:])
