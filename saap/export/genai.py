@@ -1,7 +1,8 @@
 """What onnxruntime-genai needs beside ``model.onnx`` to run a saap export unchanged
 (``og.Model(export_dir)``): a ``genai_config.json``, and a tokenizer its tokenizer can read.
 
-The config follows the one onnxruntime-genai's model builder writes for Llama. Two choices:
+The config follows the one onnxruntime-genai's model builder writes for Llama, with the family's
+model ``type`` (``Family.genai_type``). Two choices:
 - ``search.past_present_share_buffer`` is false: the traced graph grows its KV cache by ``Concat``,
   so past and present cannot share one pre-allocated buffer.
 - The head counts are the largest of any layer. onnxruntime-genai reads each layer's cache shape
@@ -20,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from saap.runtime.families import family_of
 from saap.runtime.surgery import head_dim, layer_shapes
 
 CONFIG_FILE = "genai_config.json"
@@ -37,7 +39,7 @@ def genai_config(config, generation_config, filename: str) -> dict[str, Any]:
             "eos_token_id": eos,
             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else first_eos,
             "context_length": context,
-            "type": "llama",
+            "type": family_of(config).genai_type,
             "vocab_size": config.vocab_size,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},

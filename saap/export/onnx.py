@@ -1,4 +1,4 @@
-"""Export a (pruned) Llama model to an ONNX decoder with a KV cache, optionally quantized for ONNX Runtime.
+"""Export a (pruned) decoder model to an ONNX decoder with a KV cache, optionally quantized for ONNX Runtime.
 
 Two graph writers (``GRAPHS``): ``fused`` (the default wherever it has the precision: ONNX Runtime's
 GroupQueryAttention / SkipSimplifiedLayerNormalization / MatMulNBits contrib ops, written layer by layer
@@ -64,6 +64,7 @@ from saap.export.onnx_quant import (
 )
 from saap.runtime.checkpoint import sha256_file
 from saap.runtime.errors import SaapError
+from saap.runtime.families import family_of
 from saap.runtime.io import atomic_dir, write_json_atomic
 from saap.runtime.onnx_engine import MODEL_FILE, RECORD_FILE, OnnxSession
 from saap.runtime.surgery import head_dim, layer_shapes
@@ -75,6 +76,17 @@ AGREEMENT_WINDOWS, AGREEMENT_SEQ_LEN = 8, 128
 def _log(progress: bool, message: str) -> None:
     if progress:
         print(f"[onnx] {message}", file=sys.stderr, flush=True)
+
+
+def _check_family(graph: str, model) -> None:
+    """The traced graph is optimum's Llama exporter; other families have only the fused graph."""
+    family = family_of(model)
+    if graph == "traced" and not family.traced_onnx:
+        have = ", ".join(GRAPHS["fused"].precisions)
+        raise SaapError(
+            f"the traced ONNX graph (optimum's Llama exporter) does not handle {family.display} models; "
+            f"--graph fused does ({have})"
+        )
 
 
 def _check_arguments(out: Path, precision: str, graph: str, overwrite: bool, accuracy_level: int) -> str:
@@ -471,6 +483,7 @@ def export_onnx(
     _log(progress, f"loading {model}")
     loaded = load_model(str(model))
     torch_model, tokenizer = loaded.model, loaded.tokenizer
+    _check_family(graph, torch_model)
     timings: dict[str, float] = {}
 
     with atomic_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp) as stage_dir:

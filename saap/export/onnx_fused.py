@@ -1,21 +1,35 @@
-"""A fused ONNX decoder graph written op by op, the way onnxruntime-genai's model builder writes Llama.
+"""A fused ONNX decoder graph written op by op, the way onnxruntime-genai's model builder writes it.
 
 ``export/onnx.py`` traces the model (unfused attention, a Concat-grown KV cache, RoPE and repeat_kv as
 plain ops). This module writes instead the graph ONNX Runtime's LLM path is tuned for, one layer at a
 time with that layer's own head counts and widths (``saap.runtime.surgery.layer_shapes``):
 
-    input_ids ─ Gather(embedding) ─┐
+    input_ids ─ Gather(embedding) [─ Mul(embedding scale)] ─┐
     per layer, for each block it still has (a block pruned to 0 is simply absent):
-      attention: [Skip]SimplifiedLayerNormalization ─ MatMul(q|k|v packed) ─ GroupQueryAttention
-                 (RoPE inside: do_rotary=1, cos/sin caches; KV cache in/out) ─ MatMul(o_proj)
-      MLP:       SkipSimplifiedLayerNormalization ─ MatMul(gate), MatMul(up) ─ Sigmoid, Mul, Mul
-                 ─ MatMul(down)
+      attention: [Skip]SimplifiedLayerNormalization ─ MatMul(q|k|v packed, + bias) [─ Split, q/k norm]
+                 ─ GroupQueryAttention (RoPE inside: do_rotary=1, cos/sin caches; KV cache in/out)
+                 ─ MatMul(o_proj) [─ SimplifiedLayerNormalization(post-norm)]
+      MLP:       SkipSimplifiedLayerNormalization ─ MatMul(gate), MatMul(up) ─ act(gate) * up
+                 ─ MatMul(down) [─ SimplifiedLayerNormalization(post-norm)]
     SkipSimplifiedLayerNormalization(final norm) ─ MatMul(lm_head) ─ logits
 
 Each norm after the first is a ``SkipSimplifiedLayerNormalization`` that also adds the previous block's
 output into the residual stream (its 4th output is the new residual). ``seqlens_k`` (int32,
 ``ReduceSum(attention_mask, 1) - 1``) and ``total_sequence_length`` (int32 scalar,
 ``Shape(attention_mask)[1]``) are computed once and read by every GroupQueryAttention.
+
+What differs between families is read from the family adapter (``runtime.families``), never from its
+name: the norm modules by role (a post-norm, Gemma's sandwich, normalises a block's output before the
+next Skip norm adds it to the residual) and ``norm_offset`` (Gemma: 1 + weight, folded into every
+stored norm weight, the q/k and final norms included); ``qk_norm`` (Qwen3, Gemma 3: q and k split off
+the packed projection and RMS-normalised per head, [B, S, heads, head_dim] over head_dim, then given to
+GroupQueryAttention unpacked; RoPE stays inside it); ``activation`` (silu: Sigmoid * x; gelu_tanh:
+com.microsoft FastGelu); ``embedding_scale`` (a Mul after the lookup, so a tied or quantized table
+stays the lm_head's as it is); ``sliding_window`` per layer (GroupQueryAttention's
+``local_window_size``, ``local_window_size``'s docstring has the measured convention); ``rotary`` per
+layer (one cos/sin pair per distinct rotary module: Gemma 3's sliding layers have their own RoPE base).
+The attention scale is the module's own ``scaling`` (Gemma: query_pre_attn_scalar ** -0.5), q/k/v
+biases (Qwen2) ride on the packed projection.
 
 Interface (the names onnxruntime-genai's config points to): inputs ``input_ids`` [batch, seq] int64,
 ``attention_mask`` [batch, total] int64, ``past_key_values.{j}.key/value`` [batch, kv_heads_j,
@@ -77,6 +91,7 @@ from saap.export.onnx_quant import (
     pack_nibbles,
     quantize_blocks,
 )
+from saap.runtime.families import family_of
 from saap.runtime.onnx_engine import MODEL_FILE
 from saap.runtime.surgery import has_attention, has_mlp, head_dim, layer_shapes
 
@@ -273,12 +288,13 @@ class _Linears:
 # --- the graph --------------------------------------------------------------------------------------
 
 
-def rotary_caches(model, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos / sin caches [length, head_dim / 2] from the model's own rotary embedding (rope scaling and
-    attention scaling included), as GroupQueryAttention reads them for non-interleaved RoPE."""
+def rotary_caches(model, length: int, rotary=None) -> tuple[np.ndarray, np.ndarray]:
+    """cos / sin caches [length, head_dim / 2] from a rotary embedding of the model (default its
+    ``rotary_emb``; rope scaling and attention scaling included), as GroupQueryAttention reads them for
+    non-interleaved RoPE."""
     import torch
 
-    rotary = model.model.rotary_emb
+    rotary = model.model.rotary_emb if rotary is None else rotary
     hd = head_dim(model.config)
     with torch.no_grad():
         dummy = torch.zeros(1, dtype=torch.float32)
@@ -291,7 +307,234 @@ def rotary_caches(model, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 def kv_layers(model) -> list[int]:
     """Decoder layers that keep an attention block (and hence a KV cache), in cache order."""
-    return [i for i, layer in enumerate(model.model.layers) if has_attention(layer)]
+    return [i for i, layer in enumerate(family_of(model).layers(model)) if has_attention(layer)]
+
+
+def local_window_size(window: int | None) -> int:
+    """GroupQueryAttention's ``local_window_size`` for a family's ``sliding_window`` (None: -1, full
+    attention). Both count the current token: HF's window W keeps it and the W - 1 tokens before it, and
+    so does ORT's kernel at ``local_window_size`` = W (measured on a one-layer Gemma 3 with W = 8, prefill
+    and decode: a token 7 back changes the output, one 8 back does not; W - 1 drops the 7th), which is
+    also the value onnxruntime-genai's model builder writes."""
+    return -1 if window is None else int(window)
+
+
+def _gamma(g: _Graph, weight, name: str, offset: float) -> str:
+    # Gemma's RMSNorm multiplies by (1 + weight): the offset is folded into the stored weight.
+    return g.init(f"{name}.weight", _float(weight) + np.float32(offset))
+
+
+def _rms_norm(g: _Graph, x: str, gamma: str, name: str, eps: float) -> str:
+    return g.node(
+        "SimplifiedLayerNormalization", [x, gamma], f"/{name}/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1
+    )
+
+
+class _Stream:
+    """The residual stream: ``residual`` plus the last block's output ``pending``, which the next norm
+    adds in (a SkipSimplifiedLayerNormalization, whose 4th output is the sum: the new residual)."""
+
+    def __init__(self, g: _Graph, residual: str, eps: float, offset: float):
+        self.g, self.residual, self.pending = g, residual, None
+        self.eps, self.offset = eps, offset
+
+    def rms(self, x: str, weight, name: str) -> str:
+        """A plain RMSNorm of ``x`` over its last axis, with the family's weight offset."""
+        return _rms_norm(self.g, x, _gamma(self.g, weight, name, self.offset), name, self.eps)
+
+    def norm(self, weight, name: str, last: bool = False) -> str:
+        """The normalised stream, the input of the next block (``last``: of the lm_head)."""
+        if self.pending is None:
+            return self.rms(self.residual, weight, name)
+        node = f"/{name}/SkipSimplifiedLayerNorm"
+        outs = [f"{node}/output_0"] + ([] if last else ["", "", f"{node}/output_3"])
+        gamma = _gamma(self.g, weight, name, self.offset)
+        inputs = [self.residual, self.pending, gamma]
+        self.g.node("SkipSimplifiedLayerNormalization", inputs, node, outs, MS_DOMAIN, epsilon=self.eps)
+        if not last:
+            self.residual, self.pending = outs[3], None
+        return outs[0]
+
+    def add(self, block_out: str, post_norm, name: str) -> None:
+        """A block's output joins the stream; a post-norm (Gemma's sandwich) normalises it first, so the
+        next Skip norm adds the normalised output, as HF's residual add does."""
+        self.pending = block_out if post_norm is None else self.rms(block_out, post_norm.weight, name)
+
+
+class _AttentionInputs:
+    """What every GroupQueryAttention reads besides its q/k/v: ``seqlens_k`` (int32,
+    ``ReduceSum(attention_mask, 1) - 1``), ``total_sequence_length`` (int32 scalar,
+    ``Shape(attention_mask)[1]``) and, per decoder layer, the cos/sin caches of its rotary embedding
+    (one pair per distinct module: Gemma 3's sliding layers have their own RoPE base)."""
+
+    def __init__(self, g: _Graph, model, kv: list[int], length: int):
+        from onnx import TensorProto
+
+        mask = "attention_mask"
+        total = g.node("ReduceSum", [mask, g.const([1])], "/model/attn_mask/ReduceSum", keepdims=0)
+        seqlens = g.node("Sub", [total, g.const(1)], "/model/attn_mask/Sub")
+        self.seqlens_k = g.node("Cast", [seqlens], "/model/attn_mask/Sub/Cast", to=TensorProto.INT32)
+        shape = g.node("Shape", [mask], "/model/attn_mask/Shape")
+        width = g.node("Gather", [shape, g.const(1)], "/model/attn_mask/Gather", axis=0)
+        self.total_seq = g.node("Cast", [width], "/model/attn_mask/Gather/Cast", to=TensorProto.INT32)
+        family = family_of(model)
+        by_module: dict[int, tuple[str, str]] = {}
+        self.rotary: dict[int, tuple[str, str]] = {}
+        for i in kv:
+            module = family.rotary(model, i)
+            if id(module) not in by_module:
+                suffix = f"_{len(by_module)}" if by_module else ""  # the first pair keeps the plain names
+                cos, sin = rotary_caches(model, length, module)
+                by_module[id(module)] = (g.init(f"cos_cache{suffix}", cos), g.init(f"sin_cache{suffix}", sin))
+            self.rotary[i] = by_module[id(module)]
+
+
+def _bias(module) -> np.ndarray | None:
+    return None if module.bias is None else _float(module.bias)
+
+
+def _packed_bias(projections) -> np.ndarray | None:
+    """The q|k|v bias (Qwen2's), zeros for a projection without one; None where none has one."""
+    if all(p.bias is None for p in projections):
+        return None
+    parts = [np.zeros(p.out_features, np.float32) if p.bias is None else _float(p.bias) for p in projections]
+    return np.concatenate(parts)
+
+
+def _silu(g: _Graph, gate: str, base: str) -> str:
+    sig = g.node("Sigmoid", [gate], f"/{base}/mlp/act_fn/Sigmoid")
+    return g.node("Mul", [gate, sig], f"/{base}/mlp/act_fn/Mul")
+
+
+def _gelu_tanh(g: _Graph, gate: str, base: str) -> str:
+    # FastGelu is the tanh approximation, HF's gelu_pytorch_tanh (Gemma's GeGLU)
+    return g.node("FastGelu", [gate], f"/{base}/mlp/act_fn/FastGelu", domain=MS_DOMAIN)
+
+
+ACTIVATIONS = {"silu": _silu, "gelu_tanh": _gelu_tanh}  # by Family.activation's names
+
+
+class _Blocks:
+    """Writes one decoder layer's attention and MLP blocks, as the family describes them."""
+
+    def __init__(self, g: _Graph, linear: _Linears, model, side: _AttentionInputs | None, stream: _Stream):
+        self.g, self.linear, self.side, self.stream = g, linear, side, stream
+        self.config, self.family = model.config, family_of(model)
+        self.hd = head_dim(model.config)
+
+    def attention(self, x: str, attn, i: int, j: int, shape) -> str:
+        """GroupQueryAttention of layer ``i`` (KV cache ``j``) on ``x``; returns the o_proj output."""
+        base = f"model.layers.{i}"
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+        qkv_w = np.concatenate([_float(p.weight) for p in projections])
+        qkv = self.linear(x, qkv_w.T, _packed_bias(projections), f"{base}.attn.qkv_proj", "qkv_proj")
+        query = [qkv, "", ""]  # packed; unpacked where q and k are normalised first
+        if self.family.qk_norm:
+            query = self._qk_norm(qkv, attn, base, [p.out_features for p in projections])
+        cos, sin = self.side.rotary[i]
+        node = f"/{base}/attn/GroupQueryAttention"
+        out = f"{node}/output_0"
+        self.g.node(
+            "GroupQueryAttention",
+            [*query, f"past_key_values.{j}.key", f"past_key_values.{j}.value", self.side.seqlens_k,
+             self.side.total_seq, cos, sin],
+            node,
+            [out, f"present.{j}.key", f"present.{j}.value"],
+            MS_DOMAIN,
+            num_heads=shape.num_attention_heads,
+            kv_num_heads=shape.num_key_value_heads,
+            scale=float(getattr(attn, "scaling", self.hd**-0.5)),  # Gemma: query_pre_attn_scalar ** -0.5
+            local_window_size=local_window_size(self.family.sliding_window(self.config, i)),
+            do_rotary=1,
+            rotary_interleaved=0,
+        )  # fmt: skip
+        return self.linear(out, _float(attn.o_proj.weight).T, _bias(attn.o_proj), f"{base}.attn.o_proj", "o_proj")
+
+    def _qk_norm(self, qkv: str, attn, base: str, widths: list[int]) -> list[str]:
+        """q, k, v apart, q and k RMS-normalised per head (Qwen3, Gemma 3): [B, S, heads * hd] is viewed
+        as [B, S, heads, hd] and normalised over hd. GroupQueryAttention still applies RoPE after."""
+        g = self.g
+        q, k, v = g.node("Split", [qkv, g.const(widths)], f"/{base}/attn/qkv/Split", 3, axis=-1)
+        normed = []
+        for x, name in ((q, "q_norm"), (k, "k_norm")):
+            heads = g.node("Reshape", [x, g.const([0, 0, -1, self.hd])], f"/{base}/attn/{name}/Reshape")
+            out = self.stream.rms(heads, getattr(attn, name).weight, f"{base}.self_attn.{name}")
+            normed.append(g.node("Reshape", [out, g.const([0, 0, -1])], f"/{base}/attn/{name}/Reshape_1"))
+        return [*normed, v]
+
+    def mlp(self, x: str, mlp, i: int) -> str:
+        """gate activation * up, then down_proj; returns the down_proj output."""
+        base, linear = f"model.layers.{i}", self.linear
+        gate = linear(x, _float(mlp.gate_proj.weight).T, _bias(mlp.gate_proj), f"{base}.mlp.gate_proj", "gate_proj")
+        up = linear(x, _float(mlp.up_proj.weight).T, _bias(mlp.up_proj), f"{base}.mlp.up_proj", "up_proj")
+        act = ACTIVATIONS[self.family.activation(self.config)](self.g, gate, base)
+        prod = self.g.node("Mul", [act, up], f"/{base}/mlp/Mul")
+        return linear(prod, _float(mlp.down_proj.weight).T, _bias(mlp.down_proj), f"{base}.mlp.down_proj", "down_proj")
+
+
+def _io(model, kv: list[int]) -> tuple[list, list]:
+    """The graph's inputs and outputs (see the module docstring)."""
+    from onnx import TensorProto, helper
+
+    shapes, hd, vocab = layer_shapes(model.config), head_dim(model.config), model.config.vocab_size
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
+    for j, i in enumerate(kv):
+        heads = shapes[i].num_key_value_heads
+        for kind in ("key", "value"):
+            past = ["batch_size", heads, "past_sequence_length", hd]
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{j}.{kind}", TensorProto.FLOAT, past))
+            present = ["batch_size", heads, "total_sequence_length", hd]
+            outputs.append(helper.make_tensor_value_info(f"present.{j}.{kind}", TensorProto.FLOAT, present))
+    return inputs, outputs
+
+
+def _embed(g: _Graph, model, quantized: bool) -> tuple[str, QuantizedTable | None, str | None]:
+    """The embedding lookup's output, the quantized table (if any) and the fp32 tied [hidden, vocab] table
+    (if any), both for the lm_head to reuse."""
+    config, family = model.config, family_of(model)
+    embedding = _float(family.embedding(model).weight)  # [vocab, hidden]
+    table = shared = None
+    if quantized and config.hidden_size % BLOCK == 0:
+        table = QuantizedTable(g, embedding, "model.embed_tokens.weight_Q8")
+        g.nodes.extend(table.prologue)
+        g.nodes.extend(table.lookup("input_ids", "/model/embed_tokens/output_0", "embed"))
+        out = "/model/embed_tokens/output_0"
+    elif config.tie_word_embeddings:
+        # One [hidden, vocab] copy: the lm_head MatMul reads it as it is, the lookup gathers its columns.
+        shared = g.init("model.embed_tokens.weight_T", np.ascontiguousarray(embedding.T))
+        columns = g.node("Gather", [shared, "input_ids"], "/model/embed_tokens/Gather", axis=1)
+        out = g.node("Transpose", [columns], "/model/embed_tokens/Transpose", perm=[1, 2, 0])
+    else:
+        weight = g.init("model.embed_tokens.weight", embedding)
+        out = g.node("Gather", [weight, "input_ids"], "/model/embed_tokens/Gather")
+    scale = family.embedding_scale(config)
+    if scale != 1.0:
+        # Gemma scales the looked-up rows, not the table, which may also be the (tied) lm_head
+        out = g.node("Mul", [out, g.const(scale, np.float32)], "/model/embed_tokens/Mul")
+    return out, table, shared
+
+
+def _lm_head(g: _Graph, model, x: str, quantized: bool, table: QuantizedTable | None, shared: str | None) -> None:
+    """``logits`` from the final norm's output ``x``."""
+    config, lm_head = model.config, model.lm_head
+    lm_bias = getattr(lm_head, "bias", None)
+    out = "logits" if lm_bias is None else "/lm_head/logits_nobias"
+    if table is not None and config.tie_word_embeddings:
+        g.nodes.extend(table.logits(x, out, "/lm_head/MatMulNBits"))
+    elif quantized and config.hidden_size % BLOCK == 0:
+        head = QuantizedTable(g, _float(lm_head.weight), "lm_head.weight_Q8")
+        g.nodes.extend(head.prologue)
+        g.nodes.extend(head.logits(x, out, "/lm_head/MatMulNBits"))
+    elif shared is not None:
+        g.node("MatMul", [x, shared], "/lm_head/MatMul", [out])
+    else:
+        g.node("MatMul", [x, g.init("lm_head.weight", _float(lm_head.weight).T)], "/lm_head/MatMul", [out])
+    if lm_bias is not None:
+        g.node("Add", [out, g.init("lm_head.bias", _float(lm_bias))], "/lm_head/Add", ["logits"])
 
 
 def build_fused_graph(
@@ -302,164 +545,50 @@ def build_fused_graph(
     accuracy_level: int | dict[str, int] | None = None,
     max_positions: int | None = None,
 ):
-    """The fused decoder graph of ``model`` (a LlamaForCausalLM, per-layer shapes allowed) as a ModelProto.
+    """The fused decoder graph of ``model`` (any family of ``runtime.families``, per-layer shapes
+    allowed) as a ModelProto.
 
     ``layout`` / ``accuracy_level`` choose the MatMulNBits form for int8 / int4 (see the module
     docstring); ``accuracy_level`` is one level for every projection or a dict by projection name
     (``qkv_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``, ``default``); ``max_positions``
     the length of the rotary caches (default: max_position_embeddings).
     """
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}' (choose from {', '.join(LAYOUTS)})")
-    config = model.config
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"only SiLU MLPs are supported, not {config.hidden_act}")
-    shapes = layer_shapes(config)
-    hd = head_dim(config)
-    hidden, vocab, eps = config.hidden_size, config.vocab_size, float(config.rms_norm_eps)
-    tied = bool(config.tie_word_embeddings)
+    config, family = model.config, family_of(model)
+    family.check_config(config)
+    family.activation(config)  # refuses an activation the graph has no op for, before any work
     quantized = precision != "fp32"
     g = _Graph()
     linear = _Linears(g, precision, layout, accuracy_level)
-
-    # --- inputs, outputs, the attention-mask side inputs of GroupQueryAttention
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
     kv = kv_layers(model)
-    for j, i in enumerate(kv):
-        heads = shapes[i].num_key_value_heads
-        for kind in ("key", "value"):
-            inputs.append(
-                helper.make_tensor_value_info(
-                    f"past_key_values.{j}.{kind}", TensorProto.FLOAT, ["batch_size", heads, "past_sequence_length", hd]
-                )
-            )
-            outputs.append(
-                helper.make_tensor_value_info(
-                    f"present.{j}.{kind}", TensorProto.FLOAT, ["batch_size", heads, "total_sequence_length", hd]
-                )
-            )
-    mask = "attention_mask"
-    if kv:
-        total = g.node("ReduceSum", [mask, g.const([1])], "/model/attn_mask/ReduceSum", keepdims=0)
-        seqlens = g.node("Sub", [total, g.const(1)], "/model/attn_mask/Sub")
-        seqlens_k = g.node("Cast", [seqlens], "/model/attn_mask/Sub/Cast", to=TensorProto.INT32)
-        shape = g.node("Shape", [mask], "/model/attn_mask/Shape")
-        length = g.node("Gather", [shape, g.const(1)], "/model/attn_mask/Gather", axis=0)
-        total_seq = g.node("Cast", [length], "/model/attn_mask/Gather/Cast", to=TensorProto.INT32)
-        cos, sin = rotary_caches(model, max_positions or config.max_position_embeddings)
-        cos_cache, sin_cache = g.init("cos_cache", cos), g.init("sin_cache", sin)
+    inputs, outputs = _io(model, kv)
+    side = _AttentionInputs(g, model, kv, max_positions or config.max_position_embeddings) if kv else None
+    residual, table, shared = _embed(g, model, quantized)
+    stream = _Stream(g, residual, float(config.rms_norm_eps), family.norm_offset)
+    blocks = _Blocks(g, linear, model, side, stream)
 
-    # --- embedding (and the tied table)
-    embedding = _float(model.model.embed_tokens.weight)  # [vocab, hidden]
-    table = None
-    if quantized and hidden % BLOCK == 0:
-        table = QuantizedTable(g, embedding, "model.embed_tokens.weight_Q8")
-        g.nodes.extend(table.prologue)
-        nodes = table.lookup("input_ids", "/model/embed_tokens/output_0", "embed")
-        g.nodes.extend(nodes)
-        residual = "/model/embed_tokens/output_0"
-    elif tied:
-        # One [hidden, vocab] copy: the lm_head MatMul reads it as it is, the lookup gathers its columns.
-        shared = g.init("model.embed_tokens.weight_T", np.ascontiguousarray(embedding.T))
-        columns = g.node("Gather", [shared, "input_ids"], "/model/embed_tokens/Gather", axis=1)
-        residual = g.node("Transpose", [columns], "/model/embed_tokens/Transpose", perm=[1, 2, 0])
-    else:
-        residual = g.node(
-            "Gather", [g.init("model.embed_tokens.weight", embedding), "input_ids"], "/model/embed_tokens/Gather"
-        )
-
-    # --- decoder layers: the residual stream is `residual` plus a pending block output `pending`
-    pending: str | None = None
-
-    def norm(weight, name: str, last: bool = False) -> str:
-        nonlocal residual, pending
-        gamma = g.init(f"{name}.weight", _float(weight))
-        if pending is None:
-            return g.node(
-                "SimplifiedLayerNormalization", [residual, gamma], f"/{name}/SimplifiedLayerNorm",
-                axis=-1, epsilon=eps, stash_type=1,
-            )  # fmt: skip
-        node = f"/{name}/SkipSimplifiedLayerNorm"
-        outs = [f"{node}/output_0"] + ([] if last else ["", "", f"{node}/output_3"])
-        g.node("SkipSimplifiedLayerNormalization", [residual, pending, gamma], node, outs, MS_DOMAIN, epsilon=eps)
-        if not last:
-            residual, pending = outs[3], None
-        return outs[0]
-
-    def bias(module) -> np.ndarray | None:
-        return None if module.bias is None else _float(module.bias)
-
-    j = 0
-    for i, (layer, shape) in enumerate(zip(model.model.layers, shapes, strict=True)):
+    shapes = layer_shapes(config)
+    for i, layer in enumerate(family.layers(model)):
         base = f"model.layers.{i}"
         if has_attention(layer):
-            attn = layer.self_attn
-            x = norm(layer.input_layernorm.weight, f"{base}.input_layernorm")
-            qkv_w = np.concatenate([_float(attn.q_proj.weight), _float(attn.k_proj.weight), _float(attn.v_proj.weight)])
-            biases = [bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)]
-            qkv_b = None
-            if any(b is not None for b in biases):
-                widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-                qkv_b = np.concatenate(
-                    [b if b is not None else np.zeros(w, np.float32) for b, w in zip(biases, widths, strict=True)]
-                )
-            qkv = linear(x, qkv_w.T, qkv_b, f"{base}.attn.qkv_proj", "qkv_proj")
-            node = f"/{base}/attn/GroupQueryAttention"
-            attn_out = f"{node}/output_0"
-            g.node(
-                "GroupQueryAttention",
-                [qkv, "", "", f"past_key_values.{j}.key", f"past_key_values.{j}.value", seqlens_k, total_seq,
-                 cos_cache, sin_cache],
-                node,
-                [attn_out, f"present.{j}.key", f"present.{j}.value"],
-                MS_DOMAIN,
-                num_heads=shape.num_attention_heads,
-                kv_num_heads=shape.num_key_value_heads,
-                scale=float(getattr(attn, "scaling", hd**-0.5)),
-                do_rotary=1,
-                rotary_interleaved=0,
-            )  # fmt: skip
-            pending = linear(attn_out, _float(attn.o_proj.weight).T, bias(attn.o_proj), f"{base}.attn.o_proj", "o_proj")
-            j += 1
+            x = stream.norm(getattr(layer, family.pre_attention_norm).weight, f"{base}.{family.pre_attention_norm}")
+            out = blocks.attention(x, layer.self_attn, i, kv.index(i), shapes[i])
+            post = family.post_attention_norm
+            stream.add(out, post and getattr(layer, post), f"{base}.{post}")
         if has_mlp(layer):
-            mlp = layer.mlp
-            x = norm(layer.post_attention_layernorm.weight, f"{base}.post_attention_layernorm")
-            gate = linear(x, _float(mlp.gate_proj.weight).T, bias(mlp.gate_proj), f"{base}.mlp.gate_proj", "gate_proj")
-            up = linear(x, _float(mlp.up_proj.weight).T, bias(mlp.up_proj), f"{base}.mlp.up_proj", "up_proj")
-            sig = g.node("Sigmoid", [gate], f"/{base}/mlp/act_fn/Sigmoid")
-            act = g.node("Mul", [gate, sig], f"/{base}/mlp/act_fn/Mul")
-            prod = g.node("Mul", [act, up], f"/{base}/mlp/Mul")
-            pending = linear(
-                prod, _float(mlp.down_proj.weight).T, bias(mlp.down_proj), f"{base}.mlp.down_proj", "down_proj"
-            )
+            x = stream.norm(getattr(layer, family.pre_mlp_norm).weight, f"{base}.{family.pre_mlp_norm}")
+            out = blocks.mlp(x, layer.mlp, i)
+            post = family.post_mlp_norm
+            stream.add(out, post and getattr(layer, post), f"{base}.{post}")
+    x = stream.norm(family.final_norm(model).weight, "model.norm", last=True)
+    _lm_head(g, model, x, quantized, table, shared)
 
-    x = norm(model.model.norm.weight, "model.norm", last=True)
-
-    # --- lm_head
-    lm_bias = getattr(model.lm_head, "bias", None)
-    head_out = "logits" if lm_bias is None else "/lm_head/logits_nobias"
-    if table is not None and tied:
-        g.nodes.extend(table.logits(x, head_out, "/lm_head/MatMulNBits"))
-    elif quantized and hidden % BLOCK == 0:
-        head = QuantizedTable(g, _float(model.lm_head.weight), "lm_head.weight_Q8")
-        g.nodes.extend(head.prologue)
-        g.nodes.extend(head.logits(x, head_out, "/lm_head/MatMulNBits"))
-    elif tied:
-        g.node("MatMul", [x, shared], "/lm_head/MatMul", [head_out])
-    else:
-        g.node("MatMul", [x, g.init("lm_head.weight", _float(model.lm_head.weight).T)], "/lm_head/MatMul", [head_out])
-    if lm_bias is not None:
-        g.node("Add", [head_out, g.init("lm_head.bias", _float(lm_bias))], "/lm_head/Add", ["logits"])
-
-    graph = helper.make_graph(g.nodes, "saap-fused-llama", inputs, outputs, g.initializers)
+    graph = helper.make_graph(g.nodes, f"saap-fused-{config.model_type}", inputs, outputs, g.initializers)
     proto = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],

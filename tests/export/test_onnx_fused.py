@@ -9,6 +9,7 @@ import torch
 
 from saap.export.onnx import max_abs_diff_vs_torch
 from saap.export.onnx_fused import build_fused_graph, kv_layers, write_fused
+from saap.runtime.families import family_of
 from saap.runtime.onnx_engine import OnnxSession
 from saap.runtime.surgery import has_attention, has_mlp, head_dim, layer_shapes
 from tests.conftest import ARCHITECTURES, make_model
@@ -38,6 +39,33 @@ def blocks_removed(tied=True):
     return model
 
 
+# The other families (Llama is the cases above): what each adds to the graph is its adapter's hooks.
+OTHER_FAMILIES = ("mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def family_dense(family: str):
+    """Dense, GQA, tied. Mistral gets a sliding window of 8 (its tiny config has none), which the tests'
+    prompts cross, as they cross Gemma 3's."""
+    model = make_model(heads=6, kv_heads=2, tied=True, family=family)
+    if family == "mistral":
+        model.config.sliding_window = 8
+    return model
+
+
+def family_pruned(family: str):
+    """MHA, untied, per-layer pruned: layer 0 loses a head and a quarter of its MLP, layer 1 its whole
+    attention, layer 2 its whole MLP (layer 0 keeps both: HF's cache reads layer 0)."""
+    model = make_model(heads=4, kv_heads=4, tied=False, family=family)
+    model = slice_groups(model, {0: [1], 1: [0, 1, 2, 3]}, {0: list(range(32)), 2: list(range(128))})
+    assert not has_attention(model.model.layers[1]) and not has_mlp(model.model.layers[2])
+    return model
+
+
+FAMILY_MODELS = {
+    **{f"{family}-dense-gqa-tied": (lambda f=family: family_dense(f)) for family in OTHER_FAMILIES},
+    **{f"{family}-pruned-mha-untied": (lambda f=family: family_pruned(f)) for family in OTHER_FAMILIES},
+}
+
 MODELS = {
     **{
         f"dense-{name}": (lambda a=arch: make_model(heads=a[0], kv_heads=a[1], tied=a[2]))
@@ -46,6 +74,7 @@ MODELS = {
     **{f"pruned-{name}": (lambda a=arch: pruned(*a)) for name, arch in ARCHITECTURES.items()},
     "blocks-removed-tied": lambda: blocks_removed(True),
     "blocks-removed-untied": lambda: blocks_removed(False),
+    **FAMILY_MODELS,
 }
 
 
@@ -98,6 +127,51 @@ def test_graph_interface_and_fused_ops():
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
     tables = [i for i in proto.graph.initializer if sorted(i.dims) == sorted([vocab, hidden])]
     assert len(tables) == 1
+
+
+def _attributes(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_family_hooks_shape_the_graph():
+    """Gemma 3: FastGelu, a window on sliding layers only, a second RoPE cache pair for them, every norm
+    weight stored as 1 + w, the embedding scaled; Qwen3: q/k norms, GroupQueryAttention unpacked."""
+    gemma = family_dense("gemma3_text")
+    proto = build_fused_graph(gemma, "fp32")
+    ops = [n.op_type for n in proto.graph.node]
+    assert "FastGelu" in ops and "Sigmoid" not in ops
+    gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    windows = [_attributes(n)["local_window_size"] for n in gqa]
+    assert windows == [8 if t == "sliding_attention" else -1 for t in gemma.config.layer_types]
+    caches = {n.input[7] for n in gqa}
+    assert len(caches) == 2 and {n.input[7] for n, w in zip(gqa, windows, strict=True) if w == -1} == {"cos_cache_1"}
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    layer = gemma.model.layers[0]
+    for name, norm in [("model.norm", gemma.model.norm), ("model.layers.0.self_attn.q_norm", layer.self_attn.q_norm),
+                       ("model.layers.0.post_feedforward_layernorm", layer.post_feedforward_layernorm)]:  # fmt: skip
+        np.testing.assert_allclose(weights[f"{name}.weight"], norm.weight.detach().numpy() + 1, rtol=1e-6)
+    assert "/model/embed_tokens/Mul" in {n.name for n in proto.graph.node}
+    # a sandwich layer: pre- and post-norm per block, q and k norms
+    assert ops.count("SimplifiedLayerNormalization") == 1 + 6 * (2 + 2)
+    qwen3 = build_fused_graph(family_dense("qwen3"), "fp32")
+    gqa = [n for n in qwen3.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] and n.input[2] for n in gqa)  # separate q, k, v
+    assert [n.op_type for n in qwen3.graph.node].count("SimplifiedLayerNormalization") == 1 + 3 * 2
+
+
+@pytest.mark.parametrize("name", list(FAMILY_MODELS))
+def test_int8_fused_graph_of_each_family_runs_and_keeps_the_top_token(name):
+    model = FAMILY_MODELS[name]()
+    graph, reference = session_of(build_fused_graph(model, "int8")), session_of(build_fused_graph(model, "fp32"))
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(1, 24))
+    (quantized, cache), (full, full_cache) = (
+        graph.run(ids[:, :20], graph.empty_cache()),
+        reference.run(ids[:, :20], reference.empty_cache()),
+    )
+    step, full_step = graph.run(ids[:, 20:], cache)[0], reference.run(ids[:, 20:], full_cache)[0]
+    same = np.concatenate([quantized.argmax(-1) == full.argmax(-1), step.argmax(-1) == full_step.argmax(-1)], -1)
+    assert np.isfinite(quantized).all() and np.isfinite(step).all()
+    assert same.mean() >= 0.75
 
 
 def test_rope_scaling_is_taken_from_the_model():
@@ -196,22 +270,30 @@ def _greedy_torch(model, prompt, steps):
     return ids[len(prompt) :]
 
 
-@pytest.mark.parametrize("name", ["pruned-gqa-untied", "blocks-removed-tied"])
+@pytest.mark.parametrize("name", ["pruned-gqa-untied", "blocks-removed-tied", *FAMILY_MODELS])
 def test_onnxruntime_genai_runs_the_fused_graph_with_a_shared_buffer(name, tmp_path, tokenizer):
+    """onnxruntime-genai runs the export of every family as it is, past the sliding windows: torch's
+    greedy tokens, and the logits each was chosen from (tied Gemma's greedy tokens alone repeat one)."""
     og = pytest.importorskip("onnxruntime_genai")
     model = MODELS[name]()
     out = write_fused(model, tmp_path / "fused", "fp32", tokenizer=tokenizer)
     config = json.loads((out / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True
     assert config["model"]["decoder"]["num_hidden_layers"] == len(kv_layers(model))
-    prompt = [5, 9, 17, 33, 2, 40, 7]
+    assert config["model"]["type"] == family_of(model).genai_type
+    prompt = [5, 9, 17, 33, 2, 40, 7, 11, 12, 13]
     genai = og.Model(str(out))
     params = og.GeneratorParams(genai)
     params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
     generator = og.Generator(genai, params)
     generator.append_tokens(prompt)
-    tokens = []
+    ids, worst = list(prompt), 0.0
     while not generator.is_done():
         generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    assert tokens == _greedy_torch(model, prompt, len(tokens))
+        logits = np.asarray(generator.get_output("logits"))[0, -1]  # those the token was chosen from
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0, -1].numpy()
+        worst = max(worst, float(np.abs(logits - expected).max()))
+        ids.append(int(generator.get_next_tokens()[0]))
+    assert ids[len(prompt) :] == _greedy_torch(model, prompt, len(ids) - len(prompt))
+    assert worst <= 1e-3

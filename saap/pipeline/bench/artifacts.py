@@ -8,7 +8,6 @@ import ctypes
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from gguf import GGUFReader
 
@@ -124,21 +123,26 @@ def requantize_llamacpp(alias: str, out: Path, quant: str) -> None:
 
 def model_config(model: BenchModel, artifact: Path):
     """A config with the per-layer shapes of ``model`` (for parameter counts)."""
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     if model.kind in ("gguf", "llamacpp-ref") or artifact.suffix == ".gguf":
         return gguf_config(artifact)
     if artifact.is_dir() and (artifact / RECORD_FILE).is_file():
-        return LlamaConfig.from_pretrained(artifact)  # the export keeps the per-layer config
+        return AutoConfig.from_pretrained(artifact)  # the export keeps the per-layer config
     if model.kind in ("alias", "genai-ref"):  # the builder's export holds no config.json: the alias's own
         from saap.runtime.models import load_model
 
         return load_model(model.reference_of or model.spec).model.config  # cached after the first load
-    return LlamaConfig.from_pretrained(model.spec)
+    return AutoConfig.from_pretrained(model.spec)
 
 
-def gguf_config(path: Path) -> SimpleNamespace:
-    """Llama-config fields from a GGUF's metadata (``llama``, or ``deci`` with per-layer arrays)."""
+def gguf_config(path: Path):
+    """The config of a GGUF's model from its metadata (per-layer arrays of ``deci`` included), as its
+    family's transformers config: enough to count parameters, not to load weights."""
+    from transformers import AutoConfig
+
+    from saap.runtime.families import family_for_gguf
+
     reader = GGUFReader(str(path))
 
     def get(key: str, default=None):
@@ -160,7 +164,8 @@ def gguf_config(path: Path) -> SimpleNamespace:
     )
     heads_l, kv_l, ffn_l = per_layer(heads), per_layer(kv if kv is not None else heads), per_layer(ffn)
     head_dim = int(get(f"{arch}.attention.key_length", 0)) or hidden // max(heads_l)
-    return SimpleNamespace(
+    config = AutoConfig.for_model(
+        family_for_gguf(arch).model_type,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=max(heads_l),
@@ -172,7 +177,9 @@ def gguf_config(path: Path) -> SimpleNamespace:
         head_dim=head_dim,
         vocab_size=vocab,
         tie_word_embeddings="output.weight" not in names,
+        attention_bias=any(name.endswith("attn_q.bias") for name in names),
     )
+    return config
 
 
 def artifact_bytes(path: Path) -> int:

@@ -31,6 +31,14 @@ def gguf_architectures() -> set[str]:
     return {f.gguf_arch for f in FAMILIES.values()}
 
 
+def family_for_gguf(arch: str) -> type[Family]:
+    """The family whose GGUF architecture ``arch`` is (``deci`` is a per-layer Llama)."""
+    for family in FAMILIES.values():
+        if arch in (family.gguf_arch, family.gguf_per_layer_arch):
+            return family
+    raise SaapError(f"unsupported GGUF architecture '{arch}': saap handles {', '.join(supported_names())}")
+
+
 def supported_names() -> list[str]:
     return [f"{f.display} ({f.architecture})" for f in FAMILIES.values()]
 
@@ -38,4 +46,12 @@ def supported_names() -> list[str]:
 # Imported for their @register side effect; the order is the order the README lists them in.
 from saap.runtime.families import gemma3, llama, mistral, qwen2, qwen3  # noqa: E402, F401
 
-__all__ = ["FAMILIES", "Family", "family_of", "gguf_architectures", "register", "supported_names"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "family_for_gguf",
+    "family_of",
+    "gguf_architectures",
+    "register",
+    "supported_names",
+]
