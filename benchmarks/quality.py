@@ -2,6 +2,8 @@
 
     python benchmarks/quality.py                       # the committed table (resumable)
     python benchmarks/quality.py --limit 20 --ppl-windows 32 --out-name scratch --cells-dir /tmp/q
+    python benchmarks/quality.py --model gemma3-270m --prune-args="--ratio-of decoder" \
+        --saap-args="--narrow-queries" --methods saap flap shortgpt llm-pruner magnitude ...   # Gemma 3
 
 Every method prunes SmolLM2-135M (``--model``) to each ``--ratios`` fraction of all parameters
 removed, with the same number of calibration samples, sequence length and seed (the saap prune
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -53,6 +56,9 @@ def cell_settings(args: argparse.Namespace) -> dict:
         "prune_defaults": "calibration/num-samples/seq-len/seed/align: saap prune defaults",
         "device": args.device,
         "eval_batch_size": args.batch_size,
+        # extra prune flags (Gemma 3: the decoder's share); absent for the cells made before they existed
+        **({"prune_args": a} if (a := getattr(args, "prune_args", "")) else {}),
+        **({"saap_args": a} if (a := getattr(args, "saap_args", "")) else {}),
     }
 
 
@@ -88,6 +94,7 @@ def prune_cell(method: str, ratio: float, model: str, out: Path, device: str, ex
         "wall_s": run["wall_s"],
         "peak_rss_mb": run["peak_rss_mb"],
         "ratio_achieved": record["ratio_achieved"],
+        "decoder_ratio_achieved": record.get("decoder_ratio_achieved"),
         "params_after": record["params_after"],
         "params_before": record["params_before"],
         "layers": [layer["after"] for layer in record["layers"]],
@@ -132,7 +139,9 @@ def run_cell(method: str, ratio: float | None, args: argparse.Namespace, path: P
         model = args.model
         if ratio is not None:
             model = f"{tmp}/pruned"
-            cell["prune"] = prune_cell(method, ratio, args.model, Path(model), args.device)
+            extra = shlex.split(getattr(args, "prune_args", ""))
+            extra += shlex.split(getattr(args, "saap_args", "")) if method == "saap" else []
+            cell["prune"] = prune_cell(method, ratio, args.model, Path(model), args.device, tuple(extra))
         cell |= evaluate_cell(model, args, Path(tmp) / "eval.json")
     cell["total_wall_s"] = round(time.perf_counter() - started, 1)
     cell["environment"] = environment()  # cells of one table may come from several sittings
@@ -163,6 +172,8 @@ def markdown(data: dict) -> str:
         accs = [f"{z['tasks'][t]['value']:.3f}" for t in tasks] if z else []
         avg = f"{z['average']:.4f} ± {z['average_stderr']:.4f}" if z else "—"
         removed = f"{c['prune']['ratio_achieved']:.1%}" if c.get("prune") else "0"
+        if c.get("prune", {}).get("decoder_ratio_achieved") is not None and s.get("prune_args"):
+            removed += f" ({c['prune']['decoder_ratio_achieved']:.1%} of the decoder)"
         ratio = "dense" if c["ratio"] is None else f"{c['ratio']:g}"
         prune_s = f"{c['prune']['wall_s']:.0f}" if c.get("prune") else ""
         lines.append(f"| {c['method']} | {ratio} | {removed} | {c['params']:,} | " + " | ".join(ppl + accs)
@@ -223,6 +234,12 @@ def add_sitting_arguments(parser: argparse.ArgumentParser, out_name: str, cells_
     parser.add_argument("--out-name", default=out_name)
     parser.add_argument("--cells-dir", type=Path, default=cells_dir, help="where per-cell results live")
     parser.add_argument("--stored-only", action="store_true", help="compute nothing: tabulate the stored cells")
+    parser.add_argument(
+        "--prune-args", default="", help='more `saap prune` flags for every method, e.g. "--ratio-of decoder"'
+    )
+    parser.add_argument(
+        "--saap-args", default="", help='more `saap prune` flags for saap only, e.g. "--narrow-queries"'
+    )
 
 
 def main() -> None:

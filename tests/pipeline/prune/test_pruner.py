@@ -112,3 +112,35 @@ def test_ratio_of_the_decoder_excludes_the_embedding(tokenizer, text_file):
     removed = record["params_before"] - record["params_after"]
     assert removed == decoder - record["decoder_params_after"]  # the embedding was not counted, nor touched
     assert record["ratio_achieved"] == pytest.approx(removed / record["params_before"])
+
+
+# family -> (heads, kv_heads, tied): every family once with GQA and once with MHA across the parametrisation
+FAMILY_SHAPES = {
+    "mistral": (6, 2, False),
+    "qwen2": (4, 4, True),
+    "qwen3": (6, 2, True),
+    "gemma3_text": (4, 4, False),
+}
+
+
+@pytest.mark.parametrize("method", ["saap", "llm-pruner", "flap", "wanda-sp", "shortgpt", "magnitude", "random"])
+@pytest.mark.parametrize("family", list(FAMILY_SHAPES))
+def test_every_method_prunes_every_family_to_a_checkpoint_that_reloads_strictly(
+    tokenizer, text_file, tmp_path, family, method
+):
+    from saap.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    heads, kv_heads, tied = FAMILY_SHAPES[family]
+    model = make_model(heads=heads, kv_heads=kv_heads, tied=tied, family=family)
+    settings = PruneSettings(method=method, ratio=0.2, calibration=str(text_file), num_samples=4, seq_len=16,
+                             align=8, search_generations=2)  # fmt: skip
+    record = prune(LoadedModel(model, tokenizer, {"name": "tiny", "sha256": "0" * 64}), settings, progress=False)
+    assert record["params_after"] == model_parameter_count(model) < record["params_before"]
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", record)
+    reloaded, _, meta = load_checkpoint(tmp_path / "ckpt")  # strict: every tensor at its recorded shape
+    assert type(reloaded) is type(model) and meta["method"] == method
+    ids = torch.tensor([[1, 5, 9, 17, 33, 40, 7, 11]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    out = reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=2)
+    assert out.shape == (1, 13)
