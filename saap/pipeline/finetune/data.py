@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from saap.pipeline.data import resolve_data_files
+from saap.pipeline.data import bos_prefix, resolve_data_files
 from saap.runtime.errors import SaapError
 
 IGNORE = -100  # label of tokens left out of the loss (prompt and padding)
@@ -102,12 +102,13 @@ def tokenize_examples(
     examples = []
     if kind == "text":
         ids = tokenizer("\n\n".join(records), add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids) - 1, seq_len):
-            window = ids[start : start + seq_len]
-            if len(window) >= 2:
+        bos = bos_prefix(tokenizer)  # Gemma's windows start with BOS, as every sequence it saw did
+        for start in range(0, len(ids) - 1, seq_len - len(bos)):
+            window = bos + ids[start : start + seq_len - len(bos)]
+            if len(window) >= 2 + len(bos):
                 examples.append({"input_ids": window, "labels": list(window)})
         return examples, stats
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
+    bos = bos_prefix(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for record in records:
         # Tokenized apart so the prompt/response boundary (and so the mask) is exact.
@@ -122,11 +123,6 @@ def tokenize_examples(
             continue
         examples.append({"input_ids": ids, "labels": labels})
     return examples, stats
-
-
-def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    probe = tokenizer("a")["input_ids"]
-    return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
 class Collator:
