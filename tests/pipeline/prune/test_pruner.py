@@ -142,5 +142,5 @@ def test_every_method_prunes_every_family_to_a_checkpoint_that_reloads_strictly(
     ids = torch.tensor([[1, 5, 9, 17, 33, 40, 7, 11]])
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
-    out = reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=2)
+    out = reloaded.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=2)
     assert out.shape == (1, 13)
