@@ -66,7 +66,7 @@ def test_the_pruned_model_exports_to_onnx_and_runs(pruned, tmp_path):
     saap("export", "onnx", "--model", str(pruned), "--out", str(tmp_path / "onnx"), "--precision", "fp32", "--quiet")
     record = json.loads((tmp_path / "onnx" / "saap-onnx.json").read_text())
     print("fused fp32 graph vs torch:", record.get("checks"))
-    assert (tmp_path / "onnx" / "genai_config.json").is_file()
+    assert (tmp_path / "onnx" / "genai_config.json").is_file() and (tmp_path / "onnx" / "NOTICE").is_file()
     genai = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())
     assert genai["model"]["type"] == "gemma3_text"
 

@@ -508,6 +508,7 @@ def export_onnx(
         if torch_model.generation_config is not None:
             torch_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        family_of(torch_model).write_notice(tmp)
         write_genai_files(tmp, GRAPHS[graph].genai_config(torch_model))
 
         files = {

@@ -71,6 +71,7 @@ def save_checkpoint(
             state.pop("lm_head.weight", None)  # stored once, re-tied at load
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        family_of(model).write_notice(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         metadata = {"format_version": FORMAT_VERSION, **metadata, "files": files}
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")

@@ -554,6 +554,8 @@ def test_every_family_exports_to_its_own_architecture(tokenizer, tmp_path, famil
     report = export_gguf(checkpoint, tmp_path / "m.gguf", "f32", progress=False)
     assert report["architecture"] == (FAMILY_ARCHS if case.startswith("dense") else NARROWED_ARCHS)[family]
     assert report["placeholders"] == []
+    license = gguf.GGUFReader(tmp_path / "m.gguf").fields.get("general.license")
+    assert (license.contents() if license else None) == ("gemma" if family == "gemma3_text" else None)
     torch_engine = load_engine("torch", str(checkpoint), SETTINGS)
     ids = prompt_ids(tokenizer)
     exact = float(np.abs(f32_kv_logits(tmp_path / "m.gguf", ids) - torch_engine.prefill(ids)).max())

@@ -108,3 +108,13 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic(tmp_path / "a" / "r.json", {"x": 1})
     assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"x": 1}
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["r.json"]
+
+
+def test_a_gemma_derivative_carries_the_gemma_notice_and_a_llama_none(tokenizer, tmp_path):
+    from tests.conftest import make_model
+
+    save_checkpoint(make_model(family="gemma3_text"), tokenizer, tmp_path / "gemma", {"kind": "test"})
+    save_checkpoint(make_model(), tokenizer, tmp_path / "llama", {"kind": "test"})
+    assert "Gemma Terms of Use" in (tmp_path / "gemma" / "NOTICE").read_text()
+    assert "NOTICE" in json.loads((tmp_path / "gemma" / "saap.json").read_text())["files"]
+    assert not (tmp_path / "llama" / "NOTICE").exists()

@@ -41,7 +41,18 @@ class Family:
     gguf_arch: ClassVar[str] = ""
     gguf_per_layer_arch: ClassVar[str | None] = None
     genai_type: ClassVar[str] = ""  # onnxruntime-genai's model type
+    # Terms every model of the family comes under, which its derivatives must carry (Gemma's): the
+    # licence name and link written into a GGUF, and a NOTICE written beside checkpoints and exports.
+    license: ClassVar[str | None] = None
+    license_link: ClassVar[str | None] = None
+    notice: ClassVar[str | None] = None
     traced_onnx: ClassVar[bool] = False  # export/onnx.py's traced graph (optimum's Llama ONNX config) fits
+
+    @classmethod
+    def write_notice(cls, directory) -> None:
+        """Put the family's NOTICE beside a checkpoint or export it derives from one of its models."""
+        if cls.notice:
+            (directory / "NOTICE").write_text(cls.notice + "\n")
 
     # --- where the modules are ------------------------------------------------------------------
 

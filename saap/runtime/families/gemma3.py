@@ -38,6 +38,15 @@ class Gemma3(Family):
     gguf_arch = "gemma3"
     gguf_per_layer_arch = None
     genai_type = "gemma3_text"
+    license = "gemma"
+    license_link = "https://ai.google.dev/gemma/terms"
+    # The notice Gemma's Terms of Use (section 3.1) ask every distributed Model Derivative to carry.
+    notice = (
+        "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms. "
+        "This model is a Model Derivative of Gemma (pruned and/or fine-tuned by saap); the use restrictions "
+        "of the Gemma Terms of Use and its Prohibited Use Policy (ai.google.dev/gemma/prohibited_use_policy) "
+        "apply to it."
+    )
 
     @staticmethod
     def embedding_scale(config) -> float:
