@@ -167,7 +167,9 @@ def markdown(data: dict) -> str:
         "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|",
     ]
     for c in data["cells"]:
-        ppl = [f"{c['perplexity'][p]['value']:.2f}" for p in PPL_SETS]
+        ppl = [
+            f"{c['perplexity'][p]['value']:.2f}" if p in c["perplexity"] else "–" for p in PPL_SETS
+        ]  # PTB: not shipped
         z = c.get("zeroshot")
         accs = [f"{z['tasks'][t]['value']:.3f}" for t in tasks] if z else []
         avg = f"{z['average']:.4f} ± {z['average_stderr']:.4f}" if z else "—"

