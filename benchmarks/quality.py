@@ -163,8 +163,11 @@ def markdown(data: dict) -> str:
         "every model; the average is given ± its standard error (from the per-task standard errors). "
         f"Evaluated on `{s['device']}` (batch size {s['eval_batch_size']}); no fine-tuning.",
         "",
-        "| method | ratio | removed | params | WikiText-2 | PTB | " + " | ".join(tasks) + " | average ± se | prune s |",
-        "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|",
+        "| method | ratio | removed | params | WikiText-2 | PTB | "
+        + "".join(f"{t} | " for t in tasks)
+        + ("average ± se | " if tasks else "")
+        + "prune s |",
+        "|---|---|---|---|---|---|" + "---|" * (len(tasks) + bool(tasks)) + "---|",
     ]
     for c in data["cells"]:
         ppl = [
@@ -178,8 +181,9 @@ def markdown(data: dict) -> str:
             removed += f" ({c['prune']['decoder_ratio_achieved']:.1%} of the decoder)"
         ratio = "dense" if c["ratio"] is None else f"{c['ratio']:g}"
         prune_s = f"{c['prune']['wall_s']:.0f}" if c.get("prune") else ""
-        lines.append(f"| {c['method']} | {ratio} | {removed} | {c['params']:,} | " + " | ".join(ppl + accs)
-                     + f" | {avg} | {prune_s} |")  # fmt: skip
+        cells = ppl + accs + ([avg] if tasks else [])
+        lines.append(f"| {c['method']} | {ratio} | {removed} | {c['params']:,} | " + " | ".join(cells)
+                     + f" | {prune_s} |")  # fmt: skip
     if data.get("missing"):
         lines += ["", f"**Not yet computed** ({len(data['missing'])} cells): {', '.join(data['missing'])}. "
                   f"Run `{data['regenerate']}` to add them (stored cells are skipped)."]  # fmt: skip
@@ -271,7 +275,7 @@ def main() -> None:
         print(f"{path.name}: running", flush=True)
         cells.append(run_cell(method, ratio, args, path))
 
-    regenerate = " ".join(["python benchmarks/quality.py", *(a for a in sys.argv[1:] if a != "--stored-only")])
+    regenerate = shlex.join(["python", "benchmarks/quality.py", *(a for a in sys.argv[1:] if a != "--stored-only")])
     data = {
         "regenerate": regenerate,
         "settings": cell_settings(args),
