@@ -1,7 +1,11 @@
 """The saap checkpoint: a plain directory anyone can read, with per-layer shapes made explicit.
 
-    config.json        the family's standard keys + ``*_per_layer`` lists (see runtime.surgery)
+    config.json        the family's standard keys; per-layer shapes add ``*_per_layer`` lists, transformers
+                       5's ``per_layer_config`` and an ``auto_map`` to modeling_saap.py
     model.safetensors  weights at their pruned shapes (tied lm_head stored once, as HF does)
+    modeling_saap.py   per-layer shapes only: ``runtime.per_layer_model`` as is, so that
+                       ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it
+                       without saap (docs/checkpoints.md says why remote code, and what it costs)
     tokenizer files    whatever the Hugging Face tokenizer writes
     saap.json          provenance: source and its sha256, settings, parameter counts, file sha256s
 
@@ -31,14 +35,22 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from saap.runtime import per_layer_model
 from saap.runtime.errors import SaapError
 from saap.runtime.families import family_of
 from saap.runtime.io import atomic_dir
-from saap.runtime.surgery import has_output_bias, head_dim, layer_shapes, reshape_empty_layer
+from saap.runtime.surgery import (
+    PER_LAYER_KEYS,
+    has_output_bias,
+    head_dim,
+    layer_shapes,
+    reshape_empty_layer,
+)
 
 METADATA_FILE = "saap.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+MODELING_FILE = "modeling_saap.py"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -63,6 +75,8 @@ def save_checkpoint(
     """Write ``model`` and ``tokenizer`` as a saap checkpoint; returns the saap.json written."""
     with atomic_dir(out_dir, overwrite) as tmp:
         model.config.architectures = [family_of(model).architecture]
+        if is_per_layer(model.config):
+            write_modeling_file(model.config, tmp)
         model.config.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
@@ -76,6 +90,41 @@ def save_checkpoint(
         metadata = {"format_version": FORMAT_VERSION, **metadata, "files": files}
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
+
+
+def is_per_layer(config) -> bool:
+    """Whether ``config`` lists per-layer shapes (a standard config of the family does not)."""
+    return any(getattr(config, key, None) is not None for key in PER_LAYER_KEYS.values())
+
+
+def per_layer_config(config) -> dict[str, dict]:
+    """transformers 5's ``per_layer_config`` (sparse: a layer's keys that differ from the global ones;
+    a removed block is a ``skip``), written beside saap's lists so the checkpoint is ready for its
+    modelling side (transformers PR #45332) when that lands."""
+    keys = list(PER_LAYER_KEYS)
+    overrides = {}
+    for i, shape in enumerate(layer_shapes(config)):
+        entry: dict = {
+            k: getattr(shape, k) for k in keys if getattr(shape, k) and getattr(shape, k) != getattr(config, k)
+        }
+        skip = [name for name, width in (("attention", shape.num_key_value_heads), ("mlp", shape.intermediate_size))
+                if width == 0]  # fmt: skip
+        if skip:
+            entry["skip"] = skip
+        if entry:
+            overrides[str(i)] = entry
+    return overrides
+
+
+def write_modeling_file(config, directory: Path) -> None:
+    """``modeling_saap.py`` beside the weights, and the config keys that point ``AutoModelForCausalLM``
+    at it: the family's own class, with each layer's projections at the shapes config.json lists."""
+    source = Path(per_layer_model.__file__).read_text()
+    base = family_of(config).architecture
+    footer = f"\n\nimport transformers  # noqa: E402\n\nSaapForCausalLM = per_layer_class(transformers.{base})\n"
+    (directory / MODELING_FILE).write_text(source + footer)
+    config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SaapForCausalLM"}
+    config.per_layer_config = per_layer_config(config)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

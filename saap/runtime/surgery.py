@@ -19,58 +19,56 @@ pruner wrote.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-# Per-layer shape keys written into config.json next to the family's standard keys.
-PER_LAYER_KEYS = {
-    "num_attention_heads": "num_attention_heads_per_layer",
-    "num_key_value_heads": "num_key_value_heads_per_layer",
-    "intermediate_size": "intermediate_size_per_layer",
-}
+from saap.runtime.per_layer_model import (  # noqa: F401  (re-exported: the shape vocabulary of every stage)
+    PER_LAYER_KEYS,
+    LayerShape,
+    RemovedAttention,
+    RemovedMLP,
+    has_output_bias,
+    head_dim,
+    layer_shapes,
+    reshape_empty_layer,
+    set_attention_counts,
+)
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-
-    @property
-    def queries_per_kv_head(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads if self.num_key_value_heads else 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+def set_layer_shapes(config, shapes: list[LayerShape]) -> None:
+    """Record per-layer shapes in the config; the dense keys keep the parent's values."""
+    for key, per_layer_key in PER_LAYER_KEYS.items():
+        setattr(config, per_layer_key, [getattr(s, key) for s in shapes])
 
 
-class RemovedAttention(nn.Module):
-    """A layer's attention block pruned away entirely: it adds nothing to the residual stream.
-
-    It never touches the KV cache; HF's cache grows per layer lazily and reads sequence lengths
-    from layer 0, which is why the pruner never removes layer 0's attention.
-    """
-
-    def __init__(self, layer_idx: int, is_sliding: bool = False):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.is_sliding = is_sliding  # Gemma 3's layer reads it to pick its RoPE table
-
-    @classmethod
-    def replacing(cls, attention: nn.Module) -> RemovedAttention:
-        return cls(attention.layer_idx, bool(getattr(attention, "is_sliding", False)))
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return torch.zeros_like(hidden_states), None
-
-
-class RemovedMLP(nn.Module):
-    """A layer's MLP block pruned away entirely."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
+def compact(model: nn.Module) -> list[int]:
+    """Make a uniform plan a standard model of its family: delete the layers pruned away whole,
+    renumber the rest, and state the one kept shape in the family's own config keys (no per-layer
+    lists, so any tool that knows the family loads it). Returns the removed layers' old indices."""
+    config, shapes = model.config, layer_shapes(model.config)
+    kept = [i for i, s in enumerate(shapes) if s != LayerShape(0, 0, 0)]
+    if len({shapes[i] for i in kept}) != 1:
+        raise ValueError("compact: the kept layers have more than one shape")
+    layers, shape = decoder_layers(model), shapes[kept[0]]
+    for i in reversed(range(len(shapes))):
+        if i not in kept:
+            del layers[i]
+    for j, layer in enumerate(layers):  # the KV cache is indexed by layer_idx
+        for module in (layer, layer.self_attn):
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = j
+    config.head_dim = head_dim(config)  # explicit: hidden / heads no longer gives it once heads are fewer
+    config.num_hidden_layers = len(kept)
+    config.num_attention_heads, config.num_key_value_heads = shape.num_attention_heads, shape.num_key_value_heads
+    config.intermediate_size = shape.intermediate_size
+    if isinstance(getattr(config, "layer_types", None), list):  # sliding/full per layer (Gemma 3, Qwen2, ...)
+        config.layer_types = [config.layer_types[i] for i in kept]
+    for key in PER_LAYER_KEYS.values():
+        if hasattr(config, key):
+            delattr(config, key)
+    return [i for i in range(len(shapes)) if i not in kept]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -92,33 +90,6 @@ def has_attention(layer: nn.Module) -> bool:
 
 def has_mlp(layer: nn.Module) -> bool:
     return not isinstance(layer.mlp, RemovedMLP)
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def layer_shapes(config) -> list[LayerShape]:
-    """Shapes of every decoder layer: the per-layer lists if present, else the dense values."""
-    n = config.num_hidden_layers
-    columns = {}
-    for key, per_layer_key in PER_LAYER_KEYS.items():
-        values = getattr(config, per_layer_key, None)
-        columns[key] = list(values) if values is not None else [getattr(config, key)] * n
-        if len(columns[key]) != n:
-            raise ValueError(f"config.{per_layer_key} has {len(columns[key])} entries, expected {n}")
-    return [LayerShape(*values) for values in zip(*(columns[k] for k in PER_LAYER_KEYS), strict=True)]
-
-
-def set_layer_shapes(config, shapes: list[LayerShape]) -> None:
-    """Record per-layer shapes in the config; the dense keys keep the parent's values."""
-    for key, per_layer_key in PER_LAYER_KEYS.items():
-        setattr(config, per_layer_key, [getattr(s, key) for s in shapes])
-
-
-def has_output_bias(config) -> bool:
-    """Whether o_proj and down_proj carry a bias of their own (``config.output_bias``)."""
-    return bool(getattr(config, "output_bias", False))
 
 
 @dataclass(frozen=True)
@@ -255,13 +226,6 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
     return new
 
 
-def _set_attention_counts(attention: nn.Module, shape: LayerShape) -> None:
-    # HF reads the query/KV ratio from the module, not the weights: keep it in step with the slice.
-    attention.num_key_value_groups = shape.queries_per_kv_head
-    attention.num_heads = shape.num_attention_heads
-    attention.num_key_value_heads = shape.num_key_value_heads
-
-
 def shrink_layer(
     layer: nn.Module,
     shape: LayerShape,
@@ -297,7 +261,7 @@ def shrink_layer(
         attention.k_proj = _slice_linear(attention.k_proj, kv_keep, 0)
         attention.v_proj = _slice_linear(attention.v_proj, kv_keep, 0)
         attention.o_proj = _slice_linear(attention.o_proj, q_keep, 1)
-        _set_attention_counts(attention, new_shape)
+        set_attention_counts(attention, new_shape)
     if new_shape.intermediate_size == 0:
         layer.mlp = RemovedMLP()
     elif has_mlp(layer):
@@ -312,38 +276,6 @@ def shrink_layer(
 def kept_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the ``keep`` highest-scoring groups, in their original order."""
     return scores.topk(keep).indices.sort().values
-
-
-def reshape_empty_layer(layer: nn.Module, shape: LayerShape, hd: int, output_bias: bool = False) -> None:
-    """Give ``layer`` uninitialised modules of ``shape`` (on the meta device) for a checkpoint load.
-
-    ``output_bias``: o_proj and down_proj get a bias even where the family's config gives them none.
-    """
-    attention, mlp = layer.self_attn, layer.mlp
-    hidden = attention.q_proj.in_features
-    q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
-
-    def bias(linear: nn.Linear, extra: bool = False) -> bool:
-        # Each projection keeps the bias its family gives it (Qwen2: q/k/v yes, o_proj no).
-        return linear.bias is not None or extra
-
-    if shape.num_key_value_heads == 0:
-        layer.self_attn = RemovedAttention.replacing(attention)
-    else:
-        with torch.device("meta"):
-            attention.q_proj = nn.Linear(hidden, q_width, bias=bias(attention.q_proj))
-            attention.k_proj = nn.Linear(hidden, kv_width, bias=bias(attention.k_proj))
-            attention.v_proj = nn.Linear(hidden, kv_width, bias=bias(attention.v_proj))
-            attention.o_proj = nn.Linear(q_width, hidden, bias=bias(attention.o_proj, output_bias))
-        _set_attention_counts(attention, shape)
-    if shape.intermediate_size == 0:
-        layer.mlp = RemovedMLP()
-    else:
-        with torch.device("meta"):
-            mlp.gate_proj = nn.Linear(hidden, shape.intermediate_size, bias=bias(mlp.gate_proj))
-            mlp.up_proj = nn.Linear(hidden, shape.intermediate_size, bias=bias(mlp.up_proj))
-            mlp.down_proj = nn.Linear(shape.intermediate_size, hidden, bias=bias(mlp.down_proj, output_bias))
-        mlp.intermediate_size = shape.intermediate_size
 
 
 def add_output_bias(layer: nn.Module) -> None:

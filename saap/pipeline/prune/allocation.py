@@ -10,7 +10,8 @@ the config alone, so ``saap run`` refuses an unreachable one before any work.
 * ``whole-layers``: ShortGPT's lowest-scoring whole layers, then attention blocks;
 * ``adaptive``: SAAP's first search, cheapest fused importance per parameter first (kept for the ablation);
 * ``measured``: depth and width chosen on the measured KL of each change (``saap.pipeline.prune.measured``),
-  then, with ``--search-generations``, evolved as whole plans (``saap.pipeline.prune.evolve``).
+  then, with ``--search-generations``, evolved as whole plans (``saap.pipeline.prune.evolve``); with
+  ``--shape uniform``, one kept shape for every layer and whole layers removed (``saap.pipeline.prune.uniform``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from saap.pipeline.prune.context import PruneContext, Scored
 from saap.pipeline.prune.evolve import refine
 from saap.pipeline.prune.measured import measured_plan
+from saap.pipeline.prune.uniform import uniform_plan as uniform_measured_plan
 from saap.pipeline.prune.units import remove_cheapest
 from saap.runtime.errors import SaapError
 from saap.runtime.surgery import LayerShape, head_dim, layer_parameter_count
@@ -189,6 +191,8 @@ class Measured(Allocation):
     needs_calibration = True  # the KL is measured on calibration sequences
 
     def plan(self, ctx, scored):
+        if ctx.settings.shape == "uniform":  # one kept shape, whole layers removed: no per-layer evolution
+            return uniform_measured_plan(ctx, scored)
         shapes, record = measured_plan(ctx, scored)
         if ctx.settings.search_generations:
             shapes, evolution = refine(ctx, scored, shapes)

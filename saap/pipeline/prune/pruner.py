@@ -28,6 +28,7 @@ from saap.runtime.errors import SaapError
 from saap.runtime.models import LoadedModel
 from saap.runtime.surgery import (
     LayerShape,
+    compact,
     decode_parameter_count,
     decoder_layers,
     head_dim,
@@ -146,7 +147,7 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
         if settings.device_map:
             gather(model)
     layers = allocation.layers(config)
-    return {
+    result = {
         "kind": "pruned",
         "source": loaded.source,
         "method": settings.method,
@@ -158,8 +159,10 @@ def prune(loaded: LoadedModel, settings: PruneSettings, progress: bool = True) -
         **record,
         **scored.record,
         **planned,
-        "prune_seconds": round(time.perf_counter() - started, 2),
     }
+    if settings.shape == "uniform":  # a standard checkpoint of the family: removed layers deleted, renumbered
+        result["uniform"]["deleted_layers"] = compact(model)
+    return result | {"prune_seconds": round(time.perf_counter() - started, 2)}
 
 
 def budget_record(budget: Budget, before: list[LayerShape], after: list[LayerShape]) -> dict:

@@ -23,6 +23,10 @@ BUDGETS = ("ratio", "target_params", "target_decode_bytes", "target_speedup", "t
 # "decoder" only the decoder layers', for models whose embedding dominates: Gemma 3 270M's 262k-token
 # table holds 168 M of its 268 M parameters, so 20 % of all would take 54 % of its decoder.
 RATIO_BASES = ("all", "decoder")
+# What the kept layers may look like. "per-layer": each its own widths (a checkpoint that needs saap's
+# loader or transformers' remote code); "uniform": one shape for every kept layer, others removed whole
+# (a standard checkpoint of the source family: plain transformers, llama.cpp's converter, genai's builder).
+SHAPES = ("per-layer", "uniform")
 
 
 @dataclass
@@ -61,6 +65,11 @@ class PruneSettings:
         "depth+width",
         "measured allocation: what a layer may take (depth: whole blocks only; width: narrowing only)",
         choices=list(MOVES),
+    )
+    shape: str = option(
+        "per-layer",
+        "measured allocation: per-layer widths, or one shape for every kept layer (a standard checkpoint)",
+        choices=list(SHAPES),
     )
     narrow_queries: bool = option(
         False, "measured allocation: also narrow query heads inside each KV group (models with few KV heads)"
@@ -113,6 +122,10 @@ class PruneSettings:
             raise SaapError(f"--search-moves is one of {', '.join(MOVES)}, got '{self.search_moves}'")
         if self.narrow_queries and self.allocation != "measured":
             raise SaapError(f"--narrow-queries needs --allocation measured (the saap method), got '{self.allocation}'")
+        if self.shape not in SHAPES:
+            raise SaapError(f"--shape is one of {', '.join(SHAPES)}, got '{self.shape}'")
+        if self.shape == "uniform" and self.allocation != "measured":
+            raise SaapError(f"--shape uniform needs --allocation measured (the saap method), got '{self.allocation}'")
         if self.search_generations < 0:
             raise SaapError(f"--search-generations must be 0 or more, got {self.search_generations}")
         if min(self.search_samples, self.search_passes, self.width_levels, self.compensation_samples) < 1:
