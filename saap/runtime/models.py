@@ -130,8 +130,13 @@ def _apply_gguf_tokenizer_settings(tokenizer: PreTrainedTokenizerBase, meta: dic
             setattr(tokenizer, flag, bool(value))
 
 
+# Bumped when the conversion from GGUF changes (v2: byte-level tokenizers as HF writes them), so that
+# a checkpoint cached by an older saap is converted again instead of reused.
+GGUF_CONVERSION = "v2"
+
+
 def _gguf_cache(path: Path, sha: str) -> Path:
-    return cache_dir() / f"{path.stem}-{sha[:16]}"
+    return cache_dir() / f"{path.stem}-{sha[:16]}-{GGUF_CONVERSION}"
 
 
 def load_gguf(path: Path, name: str) -> LoadedModel:
@@ -147,6 +152,9 @@ def load_gguf(path: Path, name: str) -> LoadedModel:
     meta = _gguf_metadata(path)
     _check_gguf_architecture(meta.get("general.architecture"), f"'{path}'")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # transformers points vocab_file at the .gguf itself: with sentencepiece installed, save_pretrained
+    # would copy the whole file as tokenizer.model, which llama.cpp's converter then fails to parse.
+    tokenizer.vocab_file = None
     _apply_gguf_tokenizer_settings(tokenizer, meta)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     _check_architecture(model.config, f"'{path}'")

@@ -19,7 +19,7 @@ from saap.pipeline.data import BOOKS_CALIBRATION
 from saap.runtime.checkpoint import save_checkpoint
 from saap.runtime.engine import EngineSettings, load_engine
 from saap.runtime.errors import SaapError
-from saap.runtime.surgery import set_layer_shapes
+from saap.runtime.surgery import compact, set_layer_shapes
 from tests.conftest import SAMPLE_TEXT, make_model
 from tests.runtime.test_surgery import slice_groups
 
@@ -584,3 +584,25 @@ def test_a_per_layer_mistral_is_written_as_deci(tokenizer, tmp_path):
     ids = prompt_ids(tokenizer)
     reference = load_engine("torch", str(tmp_path / "ckpt"), SETTINGS).prefill(ids)
     assert float(np.abs(f32_kv_logits(tmp_path / "m.gguf", ids) - reference).max()) < EXACT
+
+
+@pytest.mark.parametrize("family", list(FAMILY_ARCHS))
+def test_a_uniform_shape_checkpoint_gets_its_familys_own_architecture(tokenizer, tmp_path, family):
+    """``--shape uniform``'s output (one kept shape, whole layers deleted): the family's own graph, even
+    for those without a per-layer one (Qwen2, Qwen3, Gemma 3). As the search does, Qwen2 keeps every
+    query head and Gemma 3 every layer."""
+    model = make_model(heads=4, kv_heads=2, tied=False, family=family)
+    n = model.config.num_hidden_layers
+    gone = [] if family == "gemma3_text" else [2]
+    narrowed_kv = [] if family == "qwen2" else [1]
+    removed_kv = {i: [0, 1] if i in gone else narrowed_kv for i in range(n)}
+    removed_channels = {i: list(range(128)) if i in gone else list(range(0, 128, 4)) for i in range(n)}
+    model = slice_groups(model, removed_kv, removed_channels)
+    assert compact(model) == gone
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", {"kind": "test"})
+    report = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f32", progress=False)
+    assert report["architecture"] == FAMILY_ARCHS[family]
+    ids = prompt_ids(tokenizer)
+    reference = load_engine("torch", str(tmp_path / "ckpt"), SETTINGS).prefill(ids)
+    bound = GELU_TABLE if family == "gemma3_text" else EXACT
+    assert float(np.abs(f32_kv_logits(tmp_path / "m.gguf", ids) - reference).max()) < bound

@@ -13,7 +13,9 @@ The choice is measured on the calibration KL, as the per-layer search's (``measu
 2. **Per common shape.** For each shape S a layer may keep (every aligned attention size with at least
    one KV group, every aligned MLP width above 0), each layer either keeps S or is removed; the
    multiple-choice knapsack (``measured.choose``) picks the removed layers that minimise the summed
-   cost with the budget met. Layer 0 is never removed (the per-layer search's rule too).
+   cost with the budget met. Layer 0 is never removed (the per-layer search's rule too). A family
+   adapter may rule out what llama.cpp's converter cannot express: fewer query heads (Qwen2) or
+   removed layers (Gemma 3, whose layer pattern the converter does not write).
 3. **Choice on the whole model.** Summed costs ignore how the layers' errors interact, so the
    ``FINALISTS`` cheapest plans by that sum are each scored by their whole-model KL, and the lowest wins.
 """
@@ -29,6 +31,7 @@ from saap.pipeline.prune.context import PruneContext, Scored
 from saap.pipeline.prune.measured import Keep, Probe, aligned_widths, choose, measure, width_levels
 from saap.pipeline.prune.units import attention_sizes
 from saap.runtime.errors import SaapError
+from saap.runtime.families import family_of
 from saap.runtime.surgery import LayerShape
 
 FINALISTS = 6  # plans scored on their whole-model KL (one forward of the search sequences each)
@@ -40,6 +43,8 @@ def common_keeps(ctx: PruneContext) -> list[Keep]:
     if any(s != shape for s in ctx.shapes):
         raise SaapError("--shape uniform needs a model whose layers all have one shape (an unpruned model)")
     sizes = attention_sizes(ctx.config, shape, 1, ctx.align, ctx.settings.narrow_queries)
+    if family_of(ctx.config).uniform_fixed_queries:
+        sizes = [(kv, q) for kv, q in sizes if kv * q == shape.num_attention_heads]
     widths = aligned_widths(shape.intermediate_size, ctx.align)
     return [Keep(kv, width, queries) for kv, queries in sizes if kv for width in widths if width]
 
@@ -55,7 +60,7 @@ def uniform_candidates(ctx: PruneContext, costs: list) -> list[tuple[float, list
         options = []
         for i, layer_costs in enumerate(costs):
             kept = (layer_costs.cost(keep), ctx.budget.saved(i, shape, keep.shape(shape)))
-            can_drop = i > 0 and drop[i][0] is not None
+            can_drop = i > 0 and drop[i][0] is not None and family_of(ctx.config).uniform_removes_layers
             options.append([kept, drop[i]] if can_drop else [kept])
         chosen = choose(options, ctx.budget.remove)
         if chosen is None:

@@ -15,6 +15,7 @@ What every supported family shares, and the base therefore states once:
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from saap.runtime.errors import SaapError
@@ -41,6 +42,10 @@ class Family:
     gguf_arch: ClassVar[str] = ""
     gguf_per_layer_arch: ClassVar[str | None] = None
     genai_type: ClassVar[str] = ""  # onnxruntime-genai's model type
+    # ``--shape uniform`` promises a checkpoint llama.cpp's own converter turns into a working GGUF of
+    # ``gguf_arch``; these say what that graph cannot express, so the search never offers it.
+    uniform_fixed_queries: ClassVar[bool] = False  # every query head kept (Qwen2: q is hidden x hidden)
+    uniform_removes_layers: ClassVar[bool] = True  # whole layers may go (not Gemma 3: its layer pattern)
     # Terms every model of the family comes under, which its derivatives must carry (Gemma's): the
     # licence name and link written into a GGUF, and a NOTICE written beside checkpoints and exports.
     license: ClassVar[str | None] = None
@@ -102,7 +107,20 @@ class Family:
 
     @classmethod
     def fix_gguf_tokenizer(cls, tokenizer, path) -> None:
-        """Correct, in place, what transformers' GGUF loader gets wrong about this family's vocabulary."""
+        """Correct, in place, what transformers' GGUF loader gets wrong about this family's vocabulary.
+
+        For a byte-level (GPT-2-style: SmolLM2, Qwen) vocabulary it adds SentencePiece's byte fallback
+        and decoder. Hugging Face's own byte-level tokenizers have neither, and llama.cpp's converter
+        (convert_hf_to_gguf.py) reads that pair as a Llama SentencePiece vocabulary, writing a file
+        whose tokenizer aborts llama.cpp. Encoding is unchanged: byte-level BPE has no unknown bytes."""
+        from tokenizers import Tokenizer
+
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        if state["model"].get("type") != "BPE" or '"ByteLevel"' not in json.dumps(state.get("pre_tokenizer")):
+            return
+        state["model"]["byte_fallback"] = False
+        state["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
 
     # --- llama.cpp ------------------------------------------------------------------------------
 

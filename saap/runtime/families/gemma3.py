@@ -38,6 +38,9 @@ class Gemma3(Family):
     gguf_arch = "gemma3"
     gguf_per_layer_arch = None
     genai_type = "gemma3_text"
+    # llama.cpp's converter writes no layer pattern for Gemma 3, so its graph takes every 6th layer as global:
+    # with a layer removed the file would silently run the wrong layers with the sliding window.
+    uniform_removes_layers = False
     license = "gemma"
     license_link = "https://ai.google.dev/gemma/terms"
     # The notice Gemma's Terms of Use (section 3.1) ask every distributed Model Derivative to carry.

@@ -17,6 +17,8 @@ class Qwen2(Family):
     # deci's q bias is sized to the full embedding width, so a narrowed Qwen2 has no GGUF form.
     gguf_per_layer_arch = None
     genai_type = "qwen2"
+    # llama.cpp's qwen2 graph, which its converter writes for Qwen2ForCausalLM, sizes q as hidden x hidden.
+    uniform_fixed_queries = True
 
     @classmethod
     def gguf_architecture(cls, config, shapes: list) -> str:
