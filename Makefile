@@ -7,7 +7,8 @@ CONFIG ?= saap/configs/smollm2-135m.yaml
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/install-llama-cpp.sh saap/runtime/llama_build.py
+$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/install-llama-cpp.sh scripts/install-llama-converter.sh \
+		saap/runtime/llama_build.py
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 

