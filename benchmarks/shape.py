@@ -73,12 +73,13 @@ def finetune(model: Path, out: Path) -> dict:
             "eval_loss_log": meta.get("eval_loss_log"), "kept": meta.get("kept"), "steps": meta["steps"]}  # fmt: skip
 
 
-def evaluate(model: str, out: Path, limit: int, dev: bool = True) -> dict:
+def evaluate(model: str, out: Path, args: argparse.Namespace, dev: bool = True) -> dict:
     """WikiText-2 and the 7 tasks; ``dev``: the dev splits too (what the default shape is chosen on)."""
     out = out.with_suffix(".json")
     cmd = ["eval", "--model", model, "--ppl", "wikitext2", "--seq-len", "128", "--tasks", *TASKS]
+    cmd += ["--ppl-windows", str(args.ppl_windows)] if args.ppl_windows else []
     cmd += list(DEV_TASKS) if dev else []
-    cmd += ["--limit", str(limit), "--per-document", "--out", str(out), "--quiet"]
+    cmd += ["--limit", str(args.limit), "--per-document", "--out", str(out), "--quiet"]
     run = run_saap(*cmd)
     results = json.loads(out.read_text())
     keep = ("metric", "value", "stderr", "labels", "predictions")
@@ -117,12 +118,12 @@ def run_ratio(ratio: str, args: argparse.Namespace, data: dict, save) -> None:
         pruned, recovered = work / tag, work / f"{tag}-recovered"
         cell = cells.setdefault(shape, {})
         cell["prune"] = stage(work, f"prune-{tag}", lambda p=pruned, s=shape: prune(p, ratio, s))
-        before = lambda p=pruned, t=tag: evaluate(str(p), work / t, args.limit, dev=False)  # noqa: E731
+        before = lambda p=pruned, t=tag: evaluate(str(p), work / t, args, dev=False)  # noqa: E731
         cell["pruned"] = stage(work, f"eval-{tag}", before)
         save()
         cell["finetune"] = stage(work, f"finetune-{tag}", lambda p=pruned, r=recovered: finetune(p, r))
         name = f"eval-{tag}-recovered"
-        cell["recovered"] = stage(work, name, lambda r=recovered, n=name: evaluate(str(r), work / n, args.limit))
+        cell["recovered"] = stage(work, name, lambda r=recovered, n=name: evaluate(str(r), work / n, args))
         save()
 
 
@@ -148,8 +149,9 @@ def markdown(data: dict) -> str:
         "",
         f"Regenerate: `{data['regenerate']}`. Recovery: the default run's (`{data['recovery']}`). "
         f"Zero-shot: first {data['settings']['limit']} documents per task, per document; the uniform − per-layer "
-        "lead is the mean of paired per-document differences ± its paired standard error. WikiText-2: the full "
-        "test set in 128-token windows. PTB is not in the project's data (its licence: `saap/data/README.md`).",
+        "lead is the mean of paired per-document differences ± its paired standard error. WikiText-2: the first "
+        f"{data['settings']['ppl_windows'] or 'all'} 128-token windows of the test set. PTB is not in the project's "
+        "data (its licence: `saap/data/README.md`).",
         "",
         "## Quality before and after the same recovery",
         "",
@@ -218,6 +220,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", nargs="+", default=["0.2", "0.5"])
     parser.add_argument("--limit", type=int, default=300, help="first N documents of every task")
+    # The full test set is 2,300 windows, ~13 min a model on 2 cores; 512 windows (65k tokens) ~3 min.
+    parser.add_argument("--ppl-windows", type=int, default=512, help="WikiText-2 windows (0: the full test set)")
     parser.add_argument("--work", type=Path, default=PROJECT / "artifacts" / "shape")
     parser.add_argument("--out-name", default="shape-smollm2-135m")
     parser.add_argument("--no-speed", action="store_true", help="skip the bench run")
@@ -225,8 +229,9 @@ def main() -> None:
     args.work = args.work.resolve()
     data = {
         "regenerate": f"nice -n 10 python benchmarks/shape.py --ratios {' '.join(args.ratios)} --limit {args.limit}"
+        f" --ppl-windows {args.ppl_windows}"
         f" --out-name {args.out_name}",
-        "settings": {"ratios": args.ratios, "limit": args.limit},
+        "settings": {"ratios": args.ratios, "limit": args.limit, "ppl_windows": args.ppl_windows},
         "recovery": "saap finetune " + " ".join(recovery_flags()),
         "ratios": {},
         "environment": environment(),
@@ -236,7 +241,7 @@ def main() -> None:
         data["default"] = choose_default(data)
         write_results(args.out_name, data, markdown(data))
 
-    data["dense"] = stage(args.work, "eval-dense", lambda: evaluate(MODEL, args.work / "eval-dense.json", args.limit))
+    data["dense"] = stage(args.work, "eval-dense", lambda: evaluate(MODEL, args.work / "eval-dense.json", args))
     for ratio in args.ratios:
         run_ratio(ratio, args, data, save)
     if not args.no_speed:  # every recovered model and the dense one in one run, so they share its conditions
