@@ -76,9 +76,9 @@ def finetune(model: Path, out: Path) -> dict:
 def evaluate(model: str, out: Path, args: argparse.Namespace, dev: bool = True) -> dict:
     """WikiText-2 and the 7 tasks; ``dev``: the dev splits too (what the default shape is chosen on)."""
     out = out.with_suffix(".json")
-    cmd = ["eval", "--model", model, "--ppl", "wikitext2", "--seq-len", "128", "--tasks", *TASKS]
+    tasks = [*TASKS, *DEV_TASKS] if dev else list(TASKS)
+    cmd = ["eval", "--model", model, "--ppl", "wikitext2", "--seq-len", "128", "--tasks", *tasks]
     cmd += ["--ppl-windows", str(args.ppl_windows)] if args.ppl_windows else []
-    cmd += list(DEV_TASKS) if dev else []
     cmd += ["--limit", str(args.limit), "--per-document", "--out", str(out), "--quiet"]
     run = run_saap(*cmd)
     results = json.loads(out.read_text())
