@@ -5,10 +5,11 @@
 
 For every ratio and shape: ``saap prune --shape S``, then the default run's recovery (its config's
 ``finetune:`` section: distillation from the dense parent, same steps, data and learning rate), then
-``saap eval`` of the pruned and the recovered model on WikiText-2 (full test set), the 7 tasks' first
+``saap eval`` of the pruned and the recovered model on WikiText-2 (first ``--ppl-windows``), the 7 tasks' first
 ``--limit`` documents (test splits, per document, paired uniform vs per-layer with ``paired.py``'s
 statistics) and three dev splits (ARC-e, ARC-c and OpenBookQA dev). Decode speed of the recovered
-models: ``saap bench`` on llama.cpp q8_0 and ONNX Runtime int8, all models in one run.
+models: ``saap bench`` on llama.cpp q8_0 and ONNX Runtime int8, all models in one run. Generation:
+``saap eval --generate`` (64 dev-text prompts, greedy, 64 tokens), agreement against the dense model's.
 
 The default shape of ``saap run`` is chosen on dev evidence only: the recovery's held-out loss
 (distillation windows it did not train on) and the dev-split accuracy; never on the test sets.
@@ -86,6 +87,44 @@ def evaluate(model: str, out: Path, args: argparse.Namespace, dev: bool = True) 
     tasks = {t: {k: r[k] for k in keep} for t, r in results["zeroshot"]["tasks"].items()}
     return {"command": "saap " + " ".join(cmd), "wall_s": run["wall_s"], "params": results["params"],
             "wikitext2": results["perplexity"]["wikitext2"]["perplexity"], "tasks": tasks}  # fmt: skip
+
+
+GENERATION_KEYS = ("repeated_4gram", "repeated_4gram_stderr", "looping", "prompts", "distinct_2",
+                   "first_divergence", "reference_logprob", "looping_prompts")  # fmt: skip
+
+
+def generation(model: str | Path, out: Path, reference: Path | None = None) -> dict:
+    """``saap eval --generate``: loops and variety; with ``reference``, agreement with its continuations."""
+    cmd = ["eval", "--model", str(model), "--generate", "--out", str(out), "--quiet"]
+    cmd += ["--generate-reference", str(reference)] if reference else []
+    run = run_saap(*cmd)
+    quality = json.loads(out.read_text())["generation_quality"]
+    return {"command": "saap " + " ".join(cmd), "wall_s": run["wall_s"],
+            **{k: quality[k] for k in GENERATION_KEYS if k in quality}}  # fmt: skip
+
+
+def run_generation(args: argparse.Namespace, data: dict) -> None:
+    """The dense model first: the others' agreement is measured against its continuations."""
+    work, rows = args.work, data.setdefault("generation", {})
+    reference = work / "gen-dense.json"
+    rows["dense"] = stage(work, "gen-dense", lambda: generation(MODEL, reference))
+    for ratio in args.ratios:
+        for shape in SHAPES:
+            for suffix in ("", "-recovered"):
+                tag = f"{shape}-{ratio}{suffix}"
+                if (work / tag).is_dir():
+                    measure = lambda t=tag: generation(work / t, work / f"gen-{t}.json", reference)  # noqa: E731
+                    rows[tag] = stage(work, f"gen-{tag}", measure)
+
+
+def generation_rows(data: dict) -> list[str]:
+    rows = []
+    for name, g in (data.get("generation") or {}).items():
+        divergence = f"{g['first_divergence']:.1f}" if "first_divergence" in g else "–"
+        logprob = f"{g['reference_logprob']:.3f}" if "reference_logprob" in g else "–"
+        rows.append(f"| {name} | {g['repeated_4gram']:.3f} ± {g['repeated_4gram_stderr']:.3f} | {g['looping']} of "
+                    f"{g['prompts']} | {g['distinct_2']:.3f} | {divergence} | {logprob} |")  # fmt: skip
+    return rows
 
 
 def average(cell: dict, tasks: tuple[str, ...]) -> tuple[float, float]:
@@ -179,7 +218,7 @@ def markdown(data: dict) -> str:
                 if shape == "uniform" and other:
                     m, s = lead(result, other, TASKS)
                     diff = f"{m:+.4f} ± {s:.4f}"
-                loss = cell["finetune"]["eval_loss"] if stage_name == "recovered" else None
+                loss = cell["finetune"]["eval_loss"]["after"] if stage_name == "recovered" else None
                 lines.append(
                     f"| {ratio} | {shape} | {cell['prune']['layers']} | {result['params']:,} | {stage_name} "
                     f"| {result['wikitext2']:.2f} | {avg:.4f} ± {se:.4f} | {diff} | {dev} "
@@ -189,6 +228,11 @@ def markdown(data: dict) -> str:
     if speed:
         lines += ["", f"## Decode speed of the recovered models (one run: `{data['speed']['command']}`)", ""]
         lines += ["| model | engine | decode tok/s (128-token prompt) | × dense |", "|---|---|---|---|", *speed]
+    generated = generation_rows(data)
+    if generated:
+        lines += ["", "## Generation (`saap eval --generate`: 64 dev-text prompts, greedy, 64 tokens)", ""]
+        lines += ["| model | repeated 4-grams ↓ | prompts that loop ↓ | distinct-2 ↑ | tokens until divergence "
+                  "from dense ↑ | dense tokens' log-prob ↑ |", "|---|---|---|---|---|---|", *generated]  # fmt: skip
     if data.get("default"):
         lines += ["", "## Default shape, from dev evidence", "", data["default"]]
     return "\n".join(lines) + "\n"
@@ -200,7 +244,7 @@ def choose_default(data: dict) -> str | None:
     for ratio, cells in data["ratios"].items():
         if not all(cells.get(s, {}).get("recovered") for s in SHAPES):
             return None
-        losses = {s: cells[s]["finetune"]["eval_loss"] for s in SHAPES}
+        losses = {s: cells[s]["finetune"]["eval_loss"]["after"] for s in SHAPES}
         dev = {s: average(cells[s]["recovered"], DEV_TASKS)[0] for s in SHAPES}
         best = min(SHAPES, key=lambda s: losses[s])
         votes.append(best)
@@ -225,6 +269,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=PROJECT / "artifacts" / "shape")
     parser.add_argument("--out-name", default="shape-smollm2-135m")
     parser.add_argument("--no-speed", action="store_true", help="skip the bench run")
+    parser.add_argument("--no-generation", action="store_true", help="skip the generation measure")
     args = parser.parse_args()
     args.work = args.work.resolve()
     data = {
@@ -248,6 +293,8 @@ def main() -> None:
         models = {f"{s}-{r}": args.work / f"{s}-{r}-recovered" for r in args.ratios for s in SHAPES}
         name = "bench-" + "-".join(args.ratios)
         data["speed"] = stage(args.work, name, lambda: bench(models, args.work / f"{name}.json"))
+    if not args.no_generation:
+        run_generation(args, data)
     save()
 
 

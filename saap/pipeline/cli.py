@@ -115,7 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from saap.pipeline.data import PERPLEXITY_SETS, missing_unshipped, resolve_data_file
-    from saap.pipeline.evaluate import generations, perplexity, results_markdown
+    from saap.pipeline.evaluate import perplexity, results_markdown
     from saap.pipeline.zeroshot import TASKS, evaluate_zeroshot, prepare_tasks
     from saap.runtime.engine import torch_device
     from saap.runtime.io import write_json_atomic, write_text_atomic
@@ -127,6 +127,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise SaapError("nothing to evaluate: pass --ppl wikitext2 ptb, --tasks all, and/or --generate")
     if args.ppl_windows is not None and args.ppl_windows < 1 or args.limit is not None and args.limit < 1:
         raise SaapError("--ppl-windows and --limit must be at least 1")
+    if args.generate_tokens < 1:
+        raise SaapError(f"--generate-tokens must be at least 1, got {args.generate_tokens}")
+    reference = _generation_reference(args)
     skipped = missing_unshipped(args.ppl)
     for name, why in skipped.items():
         print(f"saap: skipping {name} perplexity: {why}", file=sys.stderr)
@@ -154,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "model": args.model,
         "source": loaded.source,
         "params": model_parameter_count(loaded.model),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "model")},
+        "settings": _settings_record(args),
         "perplexity": {},
         "skipped": skipped,
     }
@@ -179,10 +182,44 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"{task:>13}  {r['metric']} {r['value']:.4f} ± {r['stderr'] or 0:.4f}  ({r['documents']} docs)")
         print(f"{'average':>13}  {results['zeroshot']['average']:.4f}")
     if args.generate:
-        results["generations"] = generations(loaded.model, loaded.tokenizer)
+        _generate(args, loaded, reference, results)
     if args.out:
         write_json_atomic(args.out, results)
         write_text_atomic(Path(args.out).with_suffix(".md"), results_markdown(results))
+
+
+def _settings_record(args: argparse.Namespace) -> dict:
+    """The flags as the eval JSON records them (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("func", "model")}
+
+
+def _generation_reference(args: argparse.Namespace) -> dict | None:
+    """The reference continuations, read before the model loads (a wrong path fails at once)."""
+    if args.generate_reference is None:
+        return None
+    if not args.generate:
+        raise SaapError("--generate-reference needs --generate")
+    from saap.pipeline.generation_quality import load_reference
+
+    return load_reference(args.generate_reference)
+
+
+def _generate(args: argparse.Namespace, loaded, reference: dict | None, results: dict) -> None:
+    """The generation measure into ``results``, and the report's prompts as its samples."""
+    from saap.pipeline.generation_quality import REPORT_PROMPTS, generation_quality
+
+    quality = generation_quality(
+        loaded.model, loaded.tokenizer, None, args.generate_tokens, reference, args.batch_size, not args.quiet
+    )
+    results["generation_quality"] = quality
+    results["generations"] = [
+        {"prompt": r["prompt"], "completion": r["text"]} for r in quality["per_prompt"] if r["prompt"] in REPORT_PROMPTS
+    ]
+    agreement = f", first divergence at {quality['first_divergence']:.1f}" if "first_divergence" in quality else ""
+    print(
+        f"{'generation':>13}  repeated 4-grams {quality['repeated_4gram']:.3f}, looping {quality['looping']} of "
+        f"{quality['prompts']}, distinct-2 {quality['distinct_2']:.3f}{agreement}"
+    )
 
 
 def _print_perplexity(result: dict) -> None:
@@ -203,8 +240,7 @@ def _eval_on_engine(args: argparse.Namespace, tasks: list[str], skipped: dict[st
     seq_len = int(args.seq_len)
     settings = EngineSettings(args.device, args.threads, n_ctx=max(seq_len, 128) + 64, n_gpu_layers=args.n_gpu_layers)
     engine = load_engine(args.engine, args.model, settings)
-    settings_record = {k: v for k, v in vars(args).items() if k not in ("func", "model")}
-    results = {"model": args.model, "engine": args.engine, "settings": settings_record, "perplexity": {}}
+    results = {"model": args.model, "engine": args.engine, "settings": _settings_record(args), "perplexity": {}}
     results |= {"skipped": skipped}
     for dataset in args.ppl:
         result = engine_perplexity(engine, dataset, seq_len, args.ppl_windows, not args.quiet)

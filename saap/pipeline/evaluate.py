@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from saap.pipeline.data import PERPLEXITY_SETS, bos_prefix, perplexity_text, resolve_data_file
+from saap.pipeline.generation_quality import LOOP_THRESHOLD, NEW_TOKENS, REPORT_PROMPTS
 from saap.pipeline.options import option
 from saap.runtime.errors import SaapError
 
@@ -33,7 +34,13 @@ class EvalSettings:
     data_dir: Path | None = option(
         None, "data directory (its zeroshot/ and ppl/; default: $SAAP_DATA_DIR, then saap's own copy)"
     )
-    generate: bool = option(False, "greedy generations from fixed prompts")
+    generate: bool = option(
+        False, "greedy continuations of a fixed prompt set: repeated 4-grams (loops), distinct-n, samples"
+    )
+    generate_tokens: int = option(NEW_TOKENS, "tokens each --generate continuation runs to")
+    generate_reference: Path | None = option(
+        None, "the dense model's saap eval --generate JSON: adds agreement with its continuations"
+    )
     batch_size: int = option(8, "sequences per forward pass")
 
 
@@ -123,38 +130,10 @@ def _windowed_perplexity(
     }
 
 
-FIXED_PROMPTS = (
-    "The capital of France is",
-    "Once upon a time, there was a",
-    "def fibonacci(n):",
-    "The three primary colors are",
-)
-
-
-def generations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 32) -> list[dict]:
-    """Greedy continuations of fixed prompts: the "does it still write text" side of evaluation."""
-    device = next(model.parameters()).device
+def engine_generations(engine, max_new_tokens: int = NEW_TOKENS) -> list[dict]:
+    """The report's prompts through an engine: greedy, stopping at end of sequence as ``model.generate`` does."""
     samples = []
-    for prompt in FIXED_PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            )
-        samples.append(
-            {"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}
-        )
-    return samples
-
-
-def engine_generations(engine, max_new_tokens: int = 32) -> list[dict]:
-    """``generations`` through an engine: greedy, stopping at end of sequence as ``model.generate`` does."""
-    samples = []
-    for prompt in FIXED_PROMPTS:
+    for prompt in REPORT_PROMPTS:
         completion = engine.detokenize(engine.generate(prompt, max_new_tokens))
         samples.append({"prompt": prompt, "completion": completion})
     return samples
@@ -175,6 +154,8 @@ def results_markdown(results: dict) -> str:
         for task, r in z["tasks"].items():
             lines.append(f"| {task} | {r['metric']} | {r['documents']} | {r['value']:.4f} ± {r['stderr'] or 0:.4f} |")
         lines += [f"| **average** | | | **{z['average']:.4f} ± {z['average_stderr']:.4f}** |", ""]
+    if results.get("generation_quality"):
+        lines += generation_quality_markdown(results["generation_quality"])
     if results.get("generations"):
         lines += ["| prompt | greedy completion |", "|---|---|"]
         for g in results["generations"]:
@@ -182,3 +163,22 @@ def results_markdown(results: dict) -> str:
             lines.append(f"| {g['prompt']} | {completion} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def generation_quality_markdown(quality: dict) -> list[str]:
+    """``saap eval --generate``'s measure as one table (agreement rows only against a reference)."""
+    rows = [
+        ("repeated 4-grams (mean share)", f"{quality['repeated_4gram']:.3f} ± {quality['repeated_4gram_stderr']:.3f}"),
+        (f"prompts that loop (> {LOOP_THRESHOLD:.0%} repeated)", f"{quality['looping']} of {quality['prompts']}"),
+        ("distinct-1 / distinct-2", f"{quality['distinct_1']:.3f} / {quality['distinct_2']:.3f}"),
+    ]
+    if "first_divergence" in quality:
+        rows += [
+            ("tokens before first divergence from the reference", f"{quality['first_divergence']:.1f}"),
+            (
+                "reference tokens' mean log-probability",
+                f"{quality['reference_logprob']:.3f} ± {quality['reference_logprob_stderr']:.3f}",
+            ),
+        ]
+    title = f"| greedy continuations ({quality['prompts']} prompts, {quality['new_tokens']} tokens) | |"
+    return [title, "|---|---|", *(f"| {name} | {value} |" for name, value in rows), ""]

@@ -170,6 +170,30 @@ def quality_rows(columns: list[dict | None]) -> list[list[str]]:
         label = "**7-task average** ↑" if len(tasks) == 7 else "**average** ↑"
         zeroshots = [(c or {}).get("zeroshot") or {} for c in columns]
         rows.append([label, *_scores([(z.get("average"), z.get("average_stderr")) for z in zeroshots])])
+    return rows + _generation_rows(columns)
+
+
+def _generation_rows(columns: list[dict | None]) -> list[list[str]]:
+    """The generation measure (``saap eval --generate``): loops, variety and agreement with dense."""
+    qualities = [(c or {}).get("generation_quality") or {} for c in columns]
+    last = qualities[-1]
+    if not last:
+        return []
+
+    def cells(text) -> list[str]:
+        return [text(q) if q else "–" for q in qualities]
+
+    rows = [
+        [f"repeated 4-grams ({last['prompts']} prompts) ↓",
+         *_scores([(q.get("repeated_4gram"), q.get("repeated_4gram_stderr")) for q in qualities])],
+        ["prompts that loop ↓", *cells(lambda q: f"{q['looping']} of {q['prompts']}")],
+        ["distinct-2 ↑", *cells(lambda q: f"{q['distinct_2']:.3f}")],
+    ]  # fmt: skip
+    if "first_divergence" in last:  # measured against the dense model's continuations: dense has none
+        rows += [
+            ["tokens until first divergence from dense ↑", *cells(lambda q: _fmt(q.get("first_divergence"), 1))],
+            ["dense tokens' mean log-prob ↑", *cells(lambda q: _fmt(q.get("reference_logprob"), 3))],
+        ]
     return rows
 
 

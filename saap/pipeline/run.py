@@ -294,23 +294,27 @@ def _eval_inputs(ctx: Context) -> dict[str, dict[str, str]]:
 
 
 def _eval_run(ctx: Context, out: Path) -> list[dict]:
-    flags = ctx.config.eval.flags()
-    commands = [_command(["eval", "--model", ctx.final_model, *flags, "--out", out / "model.json"])]
+    """The dense model first: its continuations are the reference the others' agreement is measured on."""
+    commands, extra = [], []
     if ctx.config.eval.dense:
         dense = ctx.upstream("load", "source.json")["sha256"]
         commands.append(_eval_or_reuse(ctx, out, "dense", ctx.config.model, dense))
+        extra = ["--generate-reference", out / "dense.json"] if ctx.config.eval.generate else []
+    flags = [*ctx.config.eval.flags(), *extra]
+    commands.append(_command(["eval", "--model", ctx.final_model, *flags, "--out", out / "model.json"]))
     if ctx.final_stage != "prune":  # the report's "before recovery" column
         pruned = ctx.upstream("prune", "model")["sha256"]
-        commands.append(_eval_or_reuse(ctx, out, "pruned", ctx.output("prune", "model"), pruned))
+        commands.append(_eval_or_reuse(ctx, out, "pruned", ctx.output("prune", "model"), pruned, extra))
     return commands
 
 
-def _eval_or_reuse(ctx: Context, out: Path, name: str, model: Any, model_digest: str) -> dict:
+def _eval_or_reuse(ctx: Context, out: Path, name: str, model: Any, model_digest: str, extra: list = ()) -> dict:
     """``saap eval`` of ``model`` into ``out/<name>.json``, or the previous eval's copy when that
     scored the same model (``model_digest``) with the same settings (a fine-tune change need not
     re-score the dense model, nor the pruned one)."""
-    flags = ctx.config.eval.flags()
-    key = sha256_bytes(json.dumps([model_digest, flags]).encode())
+    flags = [*ctx.config.eval.flags(), *extra]
+    # A path in the flags is this stage's temporary directory: only its file name is a setting.
+    key = sha256_bytes(json.dumps([model_digest, [f.name if isinstance(f, Path) else f for f in flags]]).encode())
     previous = ctx.run_dir / "eval"
     key_file = f".{name}_key"
     (out / key_file).write_text(key)

@@ -19,7 +19,8 @@ def _eval(correct: list[int], dev: bool, wikitext2: float) -> dict:
 
 def _cell(correct: list[int], loss: float) -> dict:
     return {"prune": {"layers": 27}, "pruned": _eval(correct, False, 90.0),
-            "finetune": {"eval_loss": loss}, "recovered": _eval(correct, True, 70.0)}  # fmt: skip
+            "finetune": {"eval_loss": {"start": 5.0, "after": loss}},
+            "recovered": _eval(correct, True, 70.0)}  # fmt: skip
 
 
 def test_the_default_is_the_shape_with_the_lower_held_out_loss_and_leads_are_paired():
@@ -42,3 +43,12 @@ def test_the_default_is_the_shape_with_the_lower_held_out_loss_and_leads_are_pai
 def test_no_default_until_every_shape_is_recovered():
     cells = {"per-layer": _cell([1, 0], 3.1), "uniform": {"prune": {"layers": 27}}}
     assert shape.choose_default({"ratios": {"0.2": cells}}) is None
+
+
+def test_generation_rows_show_agreement_only_against_the_dense_reference():
+    common = {"repeated_4gram": 0.5, "repeated_4gram_stderr": 0.05, "looping": 30, "prompts": 64, "distinct_2": 0.6}
+    data = {"generation": {"dense": dict(common, looping=3),
+                           "uniform-0.2": dict(common, first_divergence=7.25, reference_logprob=-2.5)}}  # fmt: skip
+    rows = shape.generation_rows(data)
+    assert rows[0] == "| dense | 0.500 ± 0.050 | 3 of 64 | 0.600 | – | – |"
+    assert rows[1] == "| uniform-0.2 | 0.500 ± 0.050 | 30 of 64 | 0.600 | 7.2 | -2.500 |"

@@ -99,6 +99,12 @@ def test_every_stage_writes_a_verifiable_record(workspace, first_run):
     assert evaluation["model"] == str(run_dir / "finetune" / "model")  # later stages take the fine-tuned model
     dense = json.loads((run_dir / "eval" / "dense.json").read_text())
     assert evaluation["params"] < dense["params"] and evaluation["generations"]
+    # Agreement is measured against the dense model's continuations: the recovered and pruned models have it.
+    assert "first_divergence" not in dense["generation_quality"]
+    assert (
+        "first_divergence" in evaluation["generation_quality"]
+        and "first_divergence" in pruned_eval["generation_quality"]
+    )
     assert (run_dir / "export-onnx" / "fp32").is_dir() and (run_dir / "export-gguf" / "model-f16.gguf").is_file()
     report = (run_dir / "report.md").read_text()
     bench = json.loads((run_dir / "bench" / "bench.json").read_text())
@@ -111,6 +117,7 @@ def test_every_stage_writes_a_verifiable_record(workspace, first_run):
         "## Throughput",
         "## Artifacts",
         "llama-cli",
+        "tokens until first divergence from dense",
     ):
         assert heading in report
     assert (run_dir / "report" / "layers.png").is_file() and (run_dir / "report.html").is_file()
@@ -128,12 +135,12 @@ def test_changed_setting_reruns_its_stage_and_what_depends_on_it(workspace, firs
     run_dir = workspace / "artifacts" / "tiny"
     assert [p.name for p in (run_dir / "export-gguf").glob("*.gguf")] == ["model-f32.gguf"]
     eval_record = json.loads((run_dir / "eval" / STAGE_FILE).read_text())
-    assert eval_record["commands"][1].get("reused") is None  # dense re-scored: its settings changed too
+    assert eval_record["commands"][0].get("reused") is None  # dense re-scored: its settings changed too
 
     statuses = run(write_config(workspace, eval={"ppl_windows": 3}, export={"gguf": ["f32"]}), force=["eval"])
     assert {s for s, v in statuses.items() if v == "ran"} == {"eval", "report"}
     eval_record = json.loads((run_dir / "eval" / STAGE_FILE).read_text())
-    assert eval_record["commands"][1].get("reused")  # same source and settings: dense scores kept
+    assert eval_record["commands"][0].get("reused")  # same source and settings: dense scores kept
 
     statuses = run(write_config(workspace, eval={"ppl_windows": 3}, export={"gguf": ["f32"]}), until_stage="load")
     assert statuses == {"load": "skipped"}
