@@ -33,7 +33,7 @@ def usable(words: list[str]) -> bool:
     return (
         len(words) >= 2 * WORDS
         and PLAIN.fullmatch(head) is not None
-        and not re.search(r"[a-z][A-Z]", words[0])
+        and not re.search(r"[a-z][A-Z]", head)
         and not re.search(r"\b(\w+) \1\b", head)
     )
 
