@@ -199,6 +199,8 @@ def _generation_reference(args: argparse.Namespace) -> dict | None:
         return None
     if not args.generate:
         raise SaapError("--generate-reference needs --generate")
+    if args.engine != "torch":
+        raise SaapError(f"--generate-reference is measured on the torch engine, not {args.engine}")
     from saap.pipeline.generation_quality import load_reference
 
     return load_reference(args.generate_reference)

@@ -110,6 +110,7 @@ def test_saap_eval_generate_measures_loops_and_agreement_with_a_reference(tokeni
     [
         (["--generate-reference", "missing.json"], "cannot read reference generations"),
         (["--generate-tokens", "0"], "--generate-tokens must be at least 1"),
+        (["--engine", "gguf", "--generate-reference", "d.json"], "measured on the torch engine, not gguf"),
     ],
 )
 def test_bad_generation_flags_are_one_line_and_exit_2(tokenizer, tmp_path, capsys, extra, message):
