@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saap.pipeline.prune.context import PruneContext, Scored
-from saap.pipeline.prune.measured import Keep, Probe, aligned_widths, choose, measure, width_levels
+from saap.pipeline.prune.measured import Keep, Probe, aligned_widths, choose, measure, query_scores, width_levels
 from saap.pipeline.prune.units import attention_sizes
 from saap.runtime.errors import SaapError
 from saap.runtime.families import family_of
@@ -86,6 +86,8 @@ def uniform_plan(ctx: PruneContext, scored: Scored) -> tuple[list[LayerShape], d
     bar = tqdm(total=sum(per_layer) + FINALISTS, desc="uniform search", unit="run", disable=not ctx.progress)
     whole = [Keep.of(s) for s in ctx.shapes]
     try:
+        if settings.narrow_queries:  # which query heads a narrowed group keeps: measured as the per-layer search does
+            scored.scores.queries = query_scores(probe, ctx)
         candidates = uniform_candidates(ctx, measure(probe, {}, ctx, bar))[:FINALISTS]
         finalists = []
         for summed, keeps in candidates:

@@ -68,6 +68,21 @@ def test_uniform_prune_writes_a_standard_checkpoint_plain_transformers_loads(
         assert torch.equal(generated, model.generate(ids[:, :4], max_new_tokens=6, do_sample=False))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_narrowed_query_heads_are_chosen_by_measured_scores_under_the_uniform_constraint(
+    tokenizer, text_file, tmp_path, family
+):
+    model, record = uniform_prune(tokenizer, text_file, family, "gqa-untied", ratio=0.3, narrow_queries=True)
+    assert (
+        layer_shapes(model.config) == [LayerShape(**record["uniform"]["kept_shape"])] * model.config.num_hidden_layers
+    )
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt", {"kind": "pruned"})
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+
+
 def test_a_speed_budget_is_met_under_the_uniform_constraint(tokenizer, text_file, tmp_path):
     model = make_model(heads=8, kv_heads=4, layers=6, intermediate=256, head_dim=8)
     path = tmp_path / "profile.json"
