@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Gemma 3 270M, SAAP 20 % of the decoder, --shape uniform: prune, eval (WikiText-2 128 windows + generation),
-# llama.cpp's own converter -> GGUF, eval of that GGUF through llama.cpp.
+# Gemma 3 270M, SAAP 20 % of the decoder, --shape uniform: prune, eval (WikiText-2, 128 windows), llama.cpp's own
+# converter -> f16 GGUF, then that GGUF's WikiText-2 and generations through llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=artifacts/gemma-uniform; mkdir -p $W
