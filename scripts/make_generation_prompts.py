@@ -18,9 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from saap.pipeline.generation_quality import PROMPTS_FILE, REPORT_PROMPTS  # noqa: E402
+from saap.pipeline.data import PACKAGED_DATA  # noqa: E402
+from saap.pipeline.generation_quality import PACKAGED_PROMPTS, REPORT_PROMPTS  # noqa: E402
 
-SOURCE = ROOT / "saap/data/calibration/wikipedia_articles.txt"
+SOURCE = PACKAGED_DATA / "calibration" / "wikipedia_articles.txt"
 COUNT, WORDS = 60, 8
 # The dump joins some sentences and section titles with no space ("socialism.Humans", "HistoryIn").
 SENTENCE_END = re.compile(r"(?<=[a-z0-9][.!?])\s*(?=[A-Z])")
@@ -48,8 +49,8 @@ def main() -> None:
     ordered = [p for row in zip_longest(*map(candidates, articles)) for p in row if p]
     prompts = list(REPORT_PROMPTS) + ordered[:COUNT]
     lines = [json.dumps({"prompt": p, "source": "report" if p in REPORT_PROMPTS else SOURCE.name}) for p in prompts]
-    (ROOT / PROMPTS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"{len(prompts)} prompts -> {PROMPTS_FILE}")
+    PACKAGED_PROMPTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"{len(prompts)} prompts -> {PACKAGED_PROMPTS.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

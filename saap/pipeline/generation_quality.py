@@ -19,11 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from saap.pipeline.data import resolve_data_file
+from saap.pipeline.data import PACKAGED_DATA, resolve_data_file
 from saap.runtime.errors import SaapError
 
-PROMPTS_FILE = "saap/data/prompts/generation.jsonl"  # relative to the repository root (the script writes it)
 PROMPTS_DATA = "prompts/generation.jsonl"  # relative to a data dir (saap/data, or the user's --data-dir)
+PACKAGED_PROMPTS = PACKAGED_DATA / PROMPTS_DATA  # saap's own copy: scripts/make_generation_prompts.py writes it
 # The prompts the run report shows side by side, dense against pruned: the first of the set.
 REPORT_PROMPTS = (
     "The capital of France is",
@@ -38,10 +38,9 @@ LOOP_N = 4
 LOOP_THRESHOLD = 0.3
 
 
-def load_prompts(limit: int | None = None) -> list[str]:
+def load_prompts() -> list[str]:
     path = resolve_data_file(PROMPTS_DATA)
-    prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return prompts[:limit] if limit else prompts
+    return [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 # --- measures on token ids (known answers: tests/pipeline/test_generation_quality.py) ----------------

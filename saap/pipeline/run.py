@@ -308,11 +308,13 @@ def _eval_run(ctx: Context, out: Path) -> list[dict]:
     return commands
 
 
-def _eval_or_reuse(ctx: Context, out: Path, name: str, model: Any, model_digest: str, extra: list = ()) -> dict:
+def _eval_or_reuse(
+    ctx: Context, out: Path, name: str, model: Any, model_digest: str, extra: list[Any] | None = None
+) -> dict:
     """``saap eval`` of ``model`` into ``out/<name>.json``, or the previous eval's copy when that
     scored the same model (``model_digest``) with the same settings (a fine-tune change need not
     re-score the dense model, nor the pruned one)."""
-    flags = [*ctx.config.eval.flags(), *extra]
+    flags = [*ctx.config.eval.flags(), *(extra or [])]
     # A path in the flags is this stage's temporary directory: only its file name is a setting.
     key = sha256_bytes(json.dumps([model_digest, [f.name if isinstance(f, Path) else f for f in flags]]).encode())
     previous = ctx.run_dir / "eval"

@@ -10,7 +10,7 @@ import torch
 from saap.pipeline.cli import main
 from saap.pipeline.generation_quality import (
     LOOP_THRESHOLD,
-    PROMPTS_FILE,
+    PACKAGED_PROMPTS,
     REPORT_PROMPTS,
     distinct_n,
     first_divergence,
@@ -83,11 +83,11 @@ def test_agreement_with_a_different_model_is_measured_against_its_continuations(
 def test_the_prompt_set_is_dev_text_and_is_what_its_script_writes(tmp_path):
     prompts = load_prompts()
     assert len(prompts) == 64 and tuple(prompts[:4]) == REPORT_PROMPTS and len(set(prompts)) == 64
-    rows = [json.loads(line) for line in (ROOT / PROMPTS_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in PACKAGED_PROMPTS.read_text().splitlines()]
     assert {r["source"] for r in rows} == {"report", "wikipedia_articles.txt"}  # dev text, no test split
-    before = (ROOT / PROMPTS_FILE).read_bytes()
+    before = PACKAGED_PROMPTS.read_bytes()
     subprocess.run([sys.executable, str(ROOT / "scripts/make_generation_prompts.py")], check=True, capture_output=True)
-    assert (ROOT / PROMPTS_FILE).read_bytes() == before
+    assert PACKAGED_PROMPTS.read_bytes() == before
 
 
 def test_saap_eval_generate_measures_loops_and_agreement_with_a_reference(tokenizer, tmp_path, capsys):
