@@ -274,6 +274,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    from saap.pipeline.finetune.teacher_text import SAMPLES_FILE, SampleSettings, sample_teacher_text
+
+    settings = from_args(SampleSettings, args)
+    record = sample_teacher_text(args.model, args.out, settings, progress=not args.quiet, overwrite=args.overwrite)
+    print(
+        f"sampled {record['sequences']} sequences ({record['new_tokens']} new tokens, {record['seconds']:.0f}s) "
+        f"from {args.model} -> {Path(args.out) / SAMPLES_FILE}"
+    )
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         from saap.export.onnx import export_onnx
@@ -357,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     from saap.pipeline.bench import BenchSettings
     from saap.pipeline.evaluate import EvalSettings
     from saap.pipeline.finetune import FinetuneSettings
+    from saap.pipeline.finetune.teacher_text import SampleSettings
     from saap.pipeline.prune import PruneSettings
 
     parser = _Parser(prog="saap", description="Prune LLaMA-family models and deploy them to edge runtimes.")
@@ -392,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument(
         "--data", required=True, nargs="+", help="Alpaca-format .json/.jsonl (instruction, input, output), or plain "
-        "text (.txt, .jsonl of {\"text\": ...}); several files of one kind are joined",
+        "text (.txt, .jsonl of {\"text\": ...}), or the token ids saap sample writes (DIR/samples.jsonl); several "
+        "files of one kind are joined",
     )  # fmt: skip
     add_options(p, FinetuneSettings)
     p.add_argument("--out", required=True, help="output checkpoint directory (merged float model)")
@@ -401,6 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
+
+    p = verbs.add_parser(
+        "sample", help="sample text from a model (the dense parent) into a cache for saap finetune --teacher"
+    )
+    _add_model(p)
+    add_options(p, SampleSettings)
+    p.add_argument("--out", required=True, help="cache directory: samples.jsonl (token ids) and sample.json")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
 
     p = verbs.add_parser("export", help="export a checkpoint to ONNX (ONNX Runtime) or GGUF (llama.cpp)")
     p.add_argument("format", choices=["onnx", "gguf"])

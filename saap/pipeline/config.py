@@ -9,6 +9,7 @@ by their YAML path (``prune.ratio: ...``); so are a missing model and a budget t
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from saap.export.formats import ExportSettings
 from saap.pipeline.bench import BenchSettings
 from saap.pipeline.evaluate import EvalSettings
 from saap.pipeline.finetune import FinetuneSettings
+from saap.pipeline.finetune.teacher_text import TEACHER_DATA, SampleSettings
 from saap.pipeline.options import section_model
 from saap.pipeline.prune import PruneSettings
 from saap.pipeline.prune.settings import BUDGETS
@@ -38,6 +40,11 @@ FinetuneConfig = section_model(
     "FinetuneConfig",
     extra={"enabled": (bool, False), "data": (str | list[str], "finetune/alpaca_en_demo.json")},
     not_flags=("enabled",),  # recovery is off unless the config turns it on
+)
+SampleConfig = section_model(
+    SampleSettings,
+    "SampleConfig",
+    doc=f"saap sample: how the teacher writes the training text when finetune.data is '{TEACHER_DATA}'.",
 )
 ExportConfig = section_model(ExportSettings, "ExportConfig")
 BenchConfig = section_model(
@@ -61,6 +68,7 @@ class RunConfig(BaseModel):
     artifacts_dir: str = "artifacts"
     prune: PruneConfig = Field(default_factory=PruneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
@@ -158,11 +166,7 @@ def check_semantics(config: RunConfig, name: str) -> None:
         fail(budget_key, str(e))
     checks = [("prune.calibration", prune.calibration, None)] if prune.calibration else []
     if config.finetune.enabled:
-        data = config.finetune.data
-        if isinstance(data, str):
-            checks.append(("finetune.data", data, None))
-        else:
-            checks += [(f"finetune.data[{i}]", f, None) for i, f in enumerate(data)]
+        checks += _finetune_checks(config, fail)
     skipped = missing_unshipped(config.eval.ppl)  # the eval stage skips these with one line each
     checks += [(f"eval.ppl[{i}]", s, PERPLEXITY_SETS) for i, s in enumerate(config.eval.ppl) if s not in skipped]
     for key, spec, named in checks:
@@ -173,3 +177,18 @@ def check_semantics(config: RunConfig, name: str) -> None:
     for i, task in enumerate(config.eval.tasks):
         if task != "all" and task not in TASKS:
             fail(f"eval.tasks[{i}]", f"unknown task '{task}' (choose from all, {', '.join(TASKS)})")
+
+
+def _finetune_checks(config: RunConfig, fail: Callable[[str, str], None]) -> list[tuple[str, str, None]]:
+    """The fine-tuning data files to resolve; ``teacher`` (the teacher's own text) must come alone,
+    with a teacher to sample it from."""
+    data = config.finetune.data
+    many = not isinstance(data, str)
+    keyed = [(f"finetune.data[{i}]", f) for i, f in enumerate(data)] if many else [("finetune.data", data)]
+    if any(spec == TEACHER_DATA for _, spec in keyed):
+        if len(keyed) > 1:
+            fail("finetune.data", f"'{TEACHER_DATA}' (the teacher's own text) cannot be mixed with data files")
+        if not config.finetune.teacher:
+            fail("finetune.teacher", f"finetune.data '{TEACHER_DATA}' needs a teacher to sample from (e.g. parent)")
+        return [("sample.prefixes", config.sample.prefixes, None)] if config.sample.prefixes else []
+    return [(key, spec, None) for key, spec in keyed]

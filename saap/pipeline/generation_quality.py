@@ -83,26 +83,41 @@ def greedy_continuations(
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[list[int]]:
-    """Plain greedy decoding (no repetition penalty, no n-gram blocking: those hide loops), batched with
-    left padding; each continuation ends at the first end-of-sequence token, which it keeps."""
+    """Plain greedy decoding (no repetition penalty, no n-gram blocking: those hide loops)."""
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    return continuations(model, tokenizer, prompt_ids, new_tokens, batch_size, progress, do_sample=False)
+
+
+def continuations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "greedy continuations",
+    **decoding: object,
+) -> list[list[int]]:
+    """``model.generate`` of each prompt, batched with left padding; ``decoding``: its sampling
+    arguments. Each continuation ends at the first end-of-sequence token, which it keeps."""
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
-    continuations = []
-    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-    for batch in tqdm(batches, desc="greedy continuations", unit="batch", disable=not progress):
-        ids, mask = _left_padded([tokenizer(p)["input_ids"] for p in batch], pad)
+    out_ids = []
+    batches = [prompt_ids[i : i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        ids, mask = _left_padded(batch, pad)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=new_tokens,
-                do_sample=False,
                 pad_token_id=pad,
                 eos_token_id=sorted(eos),
+                **decoding,
             )
-        continuations += [_until_eos(row.tolist(), eos) for row in out[:, ids.shape[1] :]]
-    return continuations
+        out_ids += [_until_eos(row.tolist(), eos) for row in out[:, ids.shape[1] :]]
+    return out_ids
 
 
 def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

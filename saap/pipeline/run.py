@@ -257,11 +257,21 @@ def _prune_run(ctx: Context, out: Path) -> list[dict]:
 # --- finetune --------------------------------------------------------------------------------------
 
 
+def _teacher_text(ctx: Context) -> bool:
+    """Whether the run distils on text its teacher samples first (``finetune.data: teacher``)."""
+    from saap.pipeline.finetune.teacher_text import TEACHER_DATA
+
+    data = ctx.config.finetune.data
+    return TEACHER_DATA in ([data] if isinstance(data, str) else data)
+
+
 def _finetune_inputs(ctx: Context) -> dict[str, dict[str, str]]:
     from saap.pipeline.data import resolve_data_files
+    from saap.pipeline.finetune.teacher_text import TEACHER_DATA
     from saap.runtime.checkpoint import sha256_file
 
-    files = resolve_data_files(ctx.config.finetune.data)
+    data = ctx.config.finetune.data
+    files = resolve_data_files([d for d in ([data] if isinstance(data, str) else data) if d != TEACHER_DATA])
     inputs = {"model": ctx.upstream("prune", "model")}
     inputs |= {f"data[{i}]": {"path": str(f), "sha256": sha256_file(f)} for i, f in enumerate(files)}
     if ctx.config.finetune.teacher == "parent":  # the dense model the teacher is
@@ -269,9 +279,24 @@ def _finetune_inputs(ctx: Context) -> dict[str, dict[str, str]]:
     return inputs
 
 
+def _finetune_settings(ctx: Context) -> dict[str, Any]:
+    settings = ctx.config.finetune.model_dump()
+    return settings | ({"sample": ctx.config.sample.model_dump()} if _teacher_text(ctx) else {})
+
+
 def _finetune_run(ctx: Context, out: Path) -> list[dict]:
+    from saap.pipeline.finetune.teacher_text import SAMPLES_FILE, TEACHER_DATA
+
     model = ctx.output("prune", "model")
-    return [_command(["finetune", "--model", model, *ctx.config.finetune.flags(), "--out", out / "model"])]
+    flags = ctx.config.finetune.flags()
+    commands = []
+    if _teacher_text(ctx):  # the teacher writes the training text first, into the stage's own cache
+        cache = out / "teacher-text"
+        teacher = ctx.config.finetune.teacher
+        teacher = ctx.config.model if teacher in (None, "parent") else teacher
+        commands.append(_command(["sample", "--model", teacher, *ctx.config.sample.flags(), "--out", cache]))
+        flags = [str(cache / SAMPLES_FILE) if f == TEACHER_DATA else f for f in flags]
+    return [*commands, _command(["finetune", "--model", model, *flags, "--out", out / "model"])]
 
 
 # --- eval ------------------------------------------------------------------------------------------
@@ -432,9 +457,7 @@ def _settings_of(section: str) -> Callable[[Context], dict[str, Any]]:
 PIPELINE = [
     Stage("load", _load_inputs, _load_settings, _load_run),
     Stage("prune", _prune_inputs, _settings_of("prune"), _prune_run),
-    Stage(
-        "finetune", _finetune_inputs, _settings_of("finetune"), _finetune_run, lambda ctx: ctx.config.finetune.enabled
-    ),
+    Stage("finetune", _finetune_inputs, _finetune_settings, _finetune_run, lambda ctx: ctx.config.finetune.enabled),
     Stage("eval", _eval_inputs, _settings_of("eval"), _eval_run),
     Stage(
         "export-onnx",

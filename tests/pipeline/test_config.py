@@ -83,6 +83,25 @@ def test_missing_model_and_data_are_config_errors(hf_dir, tmp_path):
         check_semantics(config, "run.yaml")
 
 
+@pytest.mark.parametrize(
+    "finetune, message",
+    [
+        ({"data": ["teacher", "calibration/c4_sample.jsonl"]}, r"finetune\.data: 'teacher' .* cannot be mixed"),
+        ({"data": "teacher", "teacher": None}, r"finetune\.teacher: .* needs a teacher to sample from"),
+    ],
+)
+def test_teacher_text_needs_a_teacher_and_comes_alone(hf_dir, finetune, message):
+    section = {"enabled": True, "teacher": "parent"} | finetune
+    config = parse_config({"model": str(hf_dir), "prune": {"align": 4}, "finetune": section}, "run.yaml")
+    with pytest.raises(SaapError, match="^run.yaml: " + message):
+        check_semantics(config, "run.yaml")
+    sample = {"prefixes": "nope.txt"}
+    section = {"enabled": True, "teacher": "parent", "data": "teacher"}
+    config = parse_config({"model": str(hf_dir), "prune": {"align": 4}, "finetune": section, "sample": sample}, "r")
+    with pytest.raises(SaapError, match=r"^r: sample\.prefixes: data file 'nope.txt' not found"):
+        check_semantics(config, "r")
+
+
 def test_cli_reports_config_errors_in_one_line_and_writes_nothing(capsys, tmp_path):
     path = write(tmp_path, {"model": "m", "artifacts_dir": str(tmp_path / "a"), "prune": {"ratio": "x"}})
     assert main(["run", str(path)]) == 2

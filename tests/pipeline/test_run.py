@@ -60,7 +60,7 @@ def write_config(root: Path, **changes) -> Path:
         "bench": {"engines": ["torch"], "prompt_tokens": [8], "gen_tokens": 4, "repeats": 1, "warmup": 0},
     }
     for section, values in changes.items():
-        config[section] = {**config[section], **values}
+        config[section] = {**config.get(section, {}), **values}
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -122,6 +122,24 @@ def test_every_stage_writes_a_verifiable_record(workspace, first_run):
         assert heading in report
     assert (run_dir / "report" / "layers.png").is_file() and (run_dir / "report.html").is_file()
     assert not list(run_dir.glob(".*"))  # no temporary directories left
+
+
+def test_teacher_text_is_sampled_into_the_stage_then_distilled_on(workspace, first_run):
+    changes = {"finetune": {"data": "teacher"}, "sample": {"count": 12, "tokens": 20}}
+    config = yaml.safe_load(write_config(workspace, **changes).read_text()) | {"name": "tiny-teacher"}
+    path = workspace / "tiny-teacher.yaml"  # its own run directory: the first run's stays as it was
+    path.write_text(yaml.safe_dump(config))
+    statuses = run(path, until_stage="finetune")
+    assert statuses["finetune"] == "ran"
+    stage_dir = workspace / "artifacts" / "tiny-teacher" / "finetune"
+    record = json.loads((stage_dir / STAGE_FILE).read_text())
+    sample, finetune = (c["args"] for c in record["commands"])
+    assert sample[:3] == ["sample", "--model", str(workspace / "tiny")] and "--count" in sample
+    assert str(stage_dir / "teacher-text" / "samples.jsonl") in finetune
+    assert record["settings"]["sample"]["count"] == 12
+    finetuned = json.loads((stage_dir / "model" / "saap.json").read_text())
+    assert finetuned["data"]["format"] == "tokens" and finetuned["data"]["records"] == 12
+    assert run(path, until_stage="finetune")["finetune"] == "skipped"
 
 
 def test_rerun_skips_every_stage(workspace, first_run):

@@ -27,7 +27,8 @@ ALPACA_PROMPT_NO_INPUT = (
 
 
 def read_records(path: Path) -> tuple[str, list[Any]]:
-    """``("alpaca", records)`` or ``("text", documents)`` from a .json/.jsonl/.txt file; bad input
+    """``("alpaca", records)``, ``("text", documents)`` or ``("tokens", id lists)`` (``saap sample``'s
+    cache) from a .json/.jsonl/.txt file; bad input
     raises a one-line SaapError. Runs before the model load, so a broken file fails fast."""
     try:
         raw = path.read_text(encoding="utf-8")
@@ -58,6 +59,8 @@ def read_records(path: Path) -> tuple[str, list[Any]]:
         raise SaapError(f"data file '{path}': every record must be a JSON object")
     if all("instruction" not in r and "output" not in r and isinstance(r.get("text"), str) for r in records):
         return "text", [r["text"] for r in records]
+    if all("input_ids" in r for r in records):  # saap sample's cache: the teacher's own text, as token ids
+        return "tokens", [_token_ids(path, n, r["input_ids"]) for n, r in enumerate(records)]
     for n, record in enumerate(records):
         for key in ("instruction", "output"):
             if not isinstance(record.get(key), str):
@@ -68,6 +71,12 @@ def read_records(path: Path) -> tuple[str, list[Any]]:
         if not isinstance(record.get("input", ""), str):
             raise SaapError(f"data file '{path}': record {n} has a non-string 'input'")
     return "alpaca", records
+
+
+def _token_ids(path: Path, n: int, ids: Any) -> list[int]:
+    if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise SaapError(f"data file '{path}': record {n}'s 'input_ids' is not a list of two or more token ids")
+    return ids
 
 
 def read_data(data: str | list[str]) -> tuple[list[Path], str, list[Any]]:
@@ -96,10 +105,13 @@ def tokenize_examples(
     """Token ids and labels; prompt tokens of Alpaca records get label -100 (not in the loss).
 
     Alpaca: BOS (if the tokenizer adds one) + prompt + output + EOS, cut at ``seq_len``; an example
-    with no output token left is dropped. Plain text: consecutive ``seq_len``-token windows.
+    with no output token left is dropped. Plain text: consecutive ``seq_len``-token windows. Token ids
+    (``saap sample``): one example a sequence, cut at ``seq_len``.
     """
     stats = {"truncated": 0, "dropped": 0}
     examples = []
+    if kind == "tokens":
+        return _token_examples(records, tokenizer, seq_len, stats), stats
     if kind == "text":
         ids = tokenizer("\n\n".join(records), add_special_tokens=False)["input_ids"]
         bos = bos_prefix(tokenizer)  # Gemma's windows start with BOS, as every sequence it saw did
@@ -123,6 +135,20 @@ def tokenize_examples(
             continue
         examples.append({"input_ids": ids, "labels": labels})
     return examples, stats
+
+
+def _token_examples(
+    records: list[list[int]], tokenizer: PreTrainedTokenizerBase, seq_len: int, stats: dict[str, int]
+) -> list[dict[str, list[int]]]:
+    """One example per sampled sequence, every token in the loss (the teacher wrote them all)."""
+    vocab = len(tokenizer)
+    if max(max(ids) for ids in records) >= vocab:
+        raise SaapError(
+            f"the token ids in the data are not this model's (its vocabulary has {vocab} tokens): "
+            "sample them from a model with the same tokenizer"
+        )
+    stats["truncated"] = sum(len(ids) > seq_len for ids in records)
+    return [{"input_ids": ids[:seq_len], "labels": ids[:seq_len]} for ids in records]
 
 
 class Collator:
