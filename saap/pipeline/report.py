@@ -272,6 +272,8 @@ def _size_section(data: dict, charts: dict[str, str]) -> list[str]:
         data_files = ", ".join(f"`{Path(f['path']).name}`" for f in (ft.get("data") or {}).get("files", []))
         steps = ft.get("steps", ft.get("settings", {}).get("max_steps", "?"))
         on = f" on {data_files}" if data_files else ""
+        if (ft.get("data") or {}).get("format") == "tokens":  # saap sample's cache
+            on = f" on {ft['data']['records']} sequences the teacher wrote itself ({data_files})"
         method = ft.get("settings", {}).get("method", "?")
         lines += [f"Recovered: {how}, training `{method}` for {steps} steps{on}.", ""]
     return lines

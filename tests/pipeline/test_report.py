@@ -118,6 +118,12 @@ def test_a_recovered_run_shows_dense_pruned_and_recovered_side_by_side(run_dir):
     markdown = (run_dir / "report" / "report.md").read_text()
     assert "| metric | dense | pruned | recovered (full, distilled) |" in markdown
     assert "| wikitext2 perplexity ↓ | 20.00 | 45.00 | 30.00 |" in markdown
+    # Distilled on saap sample's cache: the report says the teacher wrote the text.
+    finetuned["data"] = {"format": "tokens", "records": 152, "files": [{"path": "/x/teacher-text/samples.jsonl"}]}
+    (run_dir / "finetune" / "model" / "saap.json").write_text(json.dumps(finetuned))
+    write_report(run_dir, run_dir / "report", config, records("load", "prune", "finetune", "eval", "bench"))
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert "on 152 sequences the teacher wrote itself (`samples.jsonl`)" in markdown
 
 
 def test_helpers():

@@ -80,7 +80,7 @@ def _token_ids(path: Path, n: int, ids: Any) -> list[int]:
 
 
 def read_data(data: str | list[str]) -> tuple[list[Path], str, list[Any]]:
-    """(paths, kind, records) of one or more data files of one kind (all Alpaca, or all text)."""
+    """(paths, kind, records) of one or more data files of one kind (all Alpaca, all text or all token ids)."""
     paths = resolve_data_files(data)
     if not paths:
         raise SaapError("no data file given")
