@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from saap.export.formats import (
@@ -497,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not (verbose() or {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv)):
+        # Library warnings stay off the terminal unless -v (peft 0.22 warns on import about transformers < 5.6):
+        # set before the verbs' modules are imported, since some warn as they load.
+        warnings.simplefilter("ignore")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
