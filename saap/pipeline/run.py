@@ -257,12 +257,16 @@ def _prune_run(ctx: Context, out: Path) -> list[dict]:
 # --- finetune --------------------------------------------------------------------------------------
 
 
+def _finetune_data(ctx: Context) -> list[str]:
+    data = ctx.config.finetune.data
+    return [data] if isinstance(data, str) else list(data)
+
+
 def _teacher_text(ctx: Context) -> bool:
     """Whether the run distils on text its teacher samples first (``finetune.data: teacher``)."""
     from saap.pipeline.finetune.teacher_text import TEACHER_DATA
 
-    data = ctx.config.finetune.data
-    return TEACHER_DATA in ([data] if isinstance(data, str) else data)
+    return TEACHER_DATA in _finetune_data(ctx)
 
 
 def _finetune_inputs(ctx: Context) -> dict[str, dict[str, str]]:
@@ -270,8 +274,7 @@ def _finetune_inputs(ctx: Context) -> dict[str, dict[str, str]]:
     from saap.pipeline.finetune.teacher_text import TEACHER_DATA
     from saap.runtime.checkpoint import sha256_file
 
-    data = ctx.config.finetune.data
-    files = resolve_data_files([d for d in ([data] if isinstance(data, str) else data) if d != TEACHER_DATA])
+    files = resolve_data_files([d for d in _finetune_data(ctx) if d != TEACHER_DATA])
     inputs = {"model": ctx.upstream("prune", "model")}
     inputs |= {f"data[{i}]": {"path": str(f), "sha256": sha256_file(f)} for i, f in enumerate(files)}
     if ctx.config.finetune.teacher == "parent":  # the dense model the teacher is
@@ -285,6 +288,7 @@ def _finetune_settings(ctx: Context) -> dict[str, Any]:
 
 
 def _finetune_run(ctx: Context, out: Path) -> list[dict]:
+    from saap.pipeline.finetune.distill import PARENT
     from saap.pipeline.finetune.teacher_text import SAMPLES_FILE, TEACHER_DATA
 
     model = ctx.output("prune", "model")
@@ -293,7 +297,7 @@ def _finetune_run(ctx: Context, out: Path) -> list[dict]:
     if _teacher_text(ctx):  # the teacher writes the training text first, into the stage's own cache
         cache = out / "teacher-text"
         teacher = ctx.config.finetune.teacher
-        teacher = ctx.config.model if teacher in (None, "parent") else teacher
+        teacher = ctx.config.model if teacher in (None, PARENT) else teacher
         commands.append(_command(["sample", "--model", teacher, *ctx.config.sample.flags(), "--out", cache]))
         flags = [str(cache / SAMPLES_FILE) if f == TEACHER_DATA else f for f in flags]
     return [*commands, _command(["finetune", "--model", model, *flags, "--out", out / "model"])]
